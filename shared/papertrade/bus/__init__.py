@@ -1,0 +1,1 @@
+"""NATS: subject names, JetStream stream definitions and the connection helper."""

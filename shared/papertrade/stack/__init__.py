@@ -1,0 +1,1 @@
+"""The local stack: embedded infrastructure, service processes and the `make up` runner."""
