@@ -1,0 +1,1 @@
+"""papertrade streamer: Market data: synthetic, replayed and Polygon bars on NATS; history over REST."""
