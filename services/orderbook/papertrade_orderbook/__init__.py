@@ -1,0 +1,1 @@
+"""papertrade orderbook: The simulated exchange: price-time-priority limit order books with synthetic liquidity."""

@@ -1,0 +1,603 @@
+"""The exchange: every book of this orderbook, fed in stream order by the EX_CMD JetStream stream.
+
+How it stays exact across a crash (SIGKILL included):
+
+- The books are a pure function of the EX_CMD stream: at start an ordered consumer replays the stream
+  (from the first message, or from just after the Redis snapshot of every book, written every
+  `ORDERBOOK_SNAPSHOT_EVERY` commands and at a clean stop), and keeps consuming live commands after.
+  Everything that changes a book is a command in that stream: the broker's new / cancel / replace, `OpenBookCmd` (a symbol
+  gets a book when the watchlist names it or a bar arrives for it), `ExpireDayCmd` (the session
+  closed, by the bars' simulation time) and the synthetic liquidity agent's own orders and cancels.
+- Reports are numbered per symbol (`seq`). Before publishing a symbol's first report, the exchange
+  reads the last report already in EX_EXEC for that symbol; replayed reports at or below it are not
+  published again. Every report also carries `Nats-Msg-Id: <symbol>:<seq>`, so JetStream drops a
+  duplicate within its window as a second line of defence.
+- Public prints, quotes and the Redis last trade are only published for live commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID, uuid4
+
+import orjson
+from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError, NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from papertrade import calendar, keys
+from papertrade.accounts import LIQUIDITY_ACCOUNT_ID
+from papertrade.book import BookCommand, ExpireDayCmd, OpenBookCmd, OrderBook
+from papertrade.book.liquidity import LiquidityConfig, ladder, reconcile
+from papertrade.bus import subjects
+from papertrade.bus.streams import EX_CMD_STREAM, EX_EXEC_STREAM, ensure_streams
+from papertrade.codec import decode, encode
+from papertrade.enums import ExecType, Interval, OrderType, SelfTradePrevention, Side, TimeInForce
+from papertrade.errors import ValidationError
+from papertrade.instruments import instrument
+from papertrade.messages import CancelCmd, ExecReport, NewOrderCmd
+from papertrade.models import Bar
+from papertrade.money import fmt
+from papertrade.service import ServiceContext
+from papertrade.symbols import normalize_symbol, symbol_from_token
+from papertrade.timeutil import iso
+from papertrade_orderbook.settings import OrderbookSettings
+
+LIQUIDITY_KEY_PREFIX = "pt:ob:liquidity:"
+#: Redis key of the books' snapshot (owned by the orderbook): {"stream_seq", "stream_created", "books", ...}
+SNAPSHOT_KEY = "pt:ob:snapshot"
+
+
+def liquidity_key(symbol: str) -> str:
+    """Redis key of a symbol's synthetic liquidity switch and overrides (owned by the orderbook)."""
+    return f"{LIQUIDITY_KEY_PREFIX}{symbol}"
+
+
+@dataclass(frozen=True)
+class LiquidityState:
+    enabled: bool
+    config: LiquidityConfig
+
+    def to_json(self, symbol: str) -> dict[str, Any]:
+        c = self.config
+        return {
+            "symbol": symbol,
+            "enabled": self.enabled,
+            "spread_bps": fmt(c.spread_bps),
+            "levels": c.levels,
+            "size": fmt(c.size),
+            "step_bps": fmt(c.step_bps),
+            "size_step": fmt(c.size_step),
+            "refresh_bars": c.refresh_bars,
+        }
+
+
+class Exchange:
+    """Books, the command consumer, report publishing, DAY expiry and the liquidity agent."""
+
+    def __init__(self, ctx: ServiceContext, settings: OrderbookSettings) -> None:
+        self.ctx = ctx
+        self.settings = settings
+        self.log = ctx.log
+        self.books: dict[str, OrderBook] = {}
+        self.ready = asyncio.Event()
+        self.replay_until = 0
+        self.processed_seq = 0
+        self._orphan_seq: dict[str, int] = {}
+        self._last_published: dict[str, int] = {}
+        self._opening: set[str] = set()
+        self._next_close: dict[str, datetime] = {}
+        self._last_expiry: dict[str, datetime] = {}
+        self._liquidity: dict[str, LiquidityState] = {}
+        self._last_bar: dict[str, Bar] = {}
+        self._bar_count: dict[str, int] = {}
+        self._agent_inflight: dict[str, int] = {}
+        #: one re-quote or withdrawal of the agent at a time per symbol (see withdraw)
+        self._agent_locks: dict[str, asyncio.Lock] = {}
+        self._tops: dict[str, Any] = {}
+        self._js: JetStreamContext | None = None
+        self._snapshot_seq = 0
+        self._stream_created = ""
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, replay EX_CMD, then consume live; returns once subscribed (work goes on in callbacks)."""
+        nc = await self.ctx.links.wait_nats()
+        js = nc.jetstream()
+        self._js = js
+        await ensure_streams(js, (EX_CMD_STREAM, EX_EXEC_STREAM))
+        info = await js.stream_info(subjects.STREAM_EX_CMD)
+        self.replay_until = int(info.state.last_seq or 0)
+        self._stream_created = str(info.created)
+        start = await self._restore_snapshot(int(info.state.first_seq or 0))
+        self.log.info("replaying commands", from_seq=start, up_to_seq=self.replay_until)
+        if self.replay_until < start:
+            await self._replay_done()
+        await js.subscribe(
+            subjects.EX_CMD_ALL,
+            cb=self._on_command,
+            ordered_consumer=True,
+            stream=subjects.STREAM_EX_CMD,
+            pending_msgs_limit=1_000_000,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
+        )
+        await nc.subscribe(subjects.md_bar(Interval.M1, "*"), cb=self._on_bar)
+        self.ctx.spawn(self._watchlist_loop(), "orderbook-watchlist")
+
+    async def save_snapshot(self) -> None:
+        """Every book and the exchange's own state at `processed_seq`, to Redis (a restart replays
+        only the commands after it). Failures are logged: the stream alone is always enough."""
+        seq = self.processed_seq
+        if seq <= self._snapshot_seq:
+            return
+        body = {
+            "stream_seq": seq,
+            "stream_created": self._stream_created,
+            "books": [book.dump() for book in self.books.values()],
+            "orphan_seq": self._orphan_seq,
+            "last_expiry": self._last_expiry,
+        }
+        try:
+            await self.ctx.links.redis.set(SNAPSHOT_KEY, encode(body))
+            self._snapshot_seq = seq
+        except Exception as exc:
+            self.log.warning("snapshot write failed", error=repr(exc))
+
+    async def _restore_snapshot(self, first_seq: int) -> int:
+        """Load the Redis snapshot if it belongs to this stream; the first stream seq to replay."""
+        try:
+            raw = await self.ctx.links.redis.get(SNAPSHOT_KEY)
+            if not raw:
+                return 1
+            data = orjson.loads(raw)
+            seq = int(data["stream_seq"])
+            if (
+                data.get("stream_created") != self._stream_created
+                or seq > self.replay_until
+                or seq + 1 < first_seq
+            ):
+                self.log.info("ignoring a snapshot of another stream", snapshot_seq=seq)
+                return 1
+            books = {b["symbol"]: OrderBook.restore(b) for b in data["books"]}
+        except Exception as exc:
+            self.log.warning("snapshot unreadable, replaying the whole stream", error=repr(exc))
+            return 1
+        self.books = books
+        self._orphan_seq = {str(k): int(v) for k, v in data.get("orphan_seq", {}).items()}
+        self._last_expiry = {
+            str(k): datetime.fromisoformat(str(v).replace("Z", "+00:00"))
+            for k, v in data.get("last_expiry", {}).items()
+        }
+        self.processed_seq = self._snapshot_seq = seq
+        self.log.info("books restored from snapshot", snapshot_seq=seq, books=len(books))
+        return seq + 1
+
+    async def readiness(self) -> dict[str, str]:
+        if self.ready.is_set():
+            return {"books": "ok"}
+        return {"books": f"replaying commands: {self.processed_seq}/{self.replay_until}"}
+
+    # --- commands (stream order) ----------------------------------------------------------------
+
+    async def _on_command(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+        try:
+            await self.process(msg.subject, msg.data, live=seq > self.replay_until)
+        except Exception as exc:  # one bad command must never stop the book
+            self.log.error("command failed", subject=msg.subject, seq=seq, error=repr(exc), exc_info=exc)
+        self.processed_seq = seq
+        if not self.ready.is_set() and seq >= self.replay_until:
+            await self._replay_done()
+        every = self.settings.snapshot_every
+        if every and seq - self._snapshot_seq >= every:
+            await self.save_snapshot()
+
+    async def process(self, subject: str, data: bytes, live: bool = True) -> None:
+        """Apply one command from `ex.cmd.<token>` and publish what it caused."""
+        symbol = symbol_from_token(subject.split(".", 2)[2])
+        try:
+            cmd: BookCommand = decode(data, BookCommand)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            await self._malformed(symbol, data, str(exc))
+            return
+        if isinstance(cmd, OpenBookCmd):
+            await self._open(symbol)
+            return
+        book = self.books.get(symbol)
+        if book is None:
+            if isinstance(cmd, ExpireDayCmd):
+                return
+            await self._publish_reports(symbol, [self._orphan_reject(symbol, cmd)], None, live)
+            return
+        reports = book.apply(cmd)
+        if isinstance(cmd, ExpireDayCmd):
+            self._last_expiry[symbol] = cmd.t
+        await self._publish_reports(symbol, reports, book, live)
+
+    async def _open(self, symbol: str) -> None:
+        self._opening.discard(symbol)
+        if symbol in self.books:
+            return
+        try:
+            book = OrderBook(symbol)
+        except ValidationError as exc:
+            self.log.warning("not opening a book", symbol=symbol, error=str(exc))
+            return
+        book.seq = self._orphan_seq.pop(symbol, 0)
+        self.books[symbol] = book
+        self.log.info("book opened", symbol=symbol)
+
+    def _orphan_reject(self, symbol: str, cmd: BookCommand) -> ExecReport:
+        seq = self._orphan_seq.get(symbol, 0) + 1
+        self._orphan_seq[symbol] = seq
+        assert not isinstance(cmd, OpenBookCmd | ExpireDayCmd)
+        side = cmd.side if isinstance(cmd, NewOrderCmd) else Side.BUY
+        return ExecReport(
+            exec=ExecType.REJECTED,
+            seq=seq,
+            order_id=cmd.order_id,
+            account_id=cmd.account_id,
+            symbol=symbol,
+            side=side,
+            t=cmd.t,
+            reason=f"symbol: {symbol} has no book on this exchange (not in the watchlist, no bars)",
+            command=cmd.__struct_config__.tag if isinstance(cmd.__struct_config__.tag, str) else None,
+        )
+
+    async def _malformed(self, symbol: str, data: bytes, why: str) -> None:
+        """A command that does not decode: rejected if it names an order, else only logged."""
+        try:
+            raw = orjson.loads(data)
+            order_id = UUID(str(raw["order_id"]))
+            account_id = UUID(str(raw["account_id"]))
+            t = datetime.fromisoformat(str(raw["t"]).replace("Z", "+00:00"))
+            side = Side(raw["side"]) if raw.get("side") in ("buy", "sell") else Side.BUY
+        except Exception:
+            self.log.warning("dropping an undecodable command", symbol=symbol, error=why)
+            return
+        book = self.books.get(symbol)
+        if book is not None:
+            book.seq += 1
+            seq = book.seq
+        else:
+            seq = self._orphan_seq.get(symbol, 0) + 1
+            self._orphan_seq[symbol] = seq
+        report = ExecReport(
+            exec=ExecType.REJECTED,
+            seq=seq,
+            order_id=order_id,
+            account_id=account_id,
+            symbol=symbol,
+            side=side,
+            t=t,
+            reason=f"malformed command: {why}",
+            command=str(raw.get("cmd")) if raw.get("cmd") else None,
+        )
+        await self._publish_reports(symbol, [report], book, live=True)
+
+    async def _publish_reports(
+        self, symbol: str, reports: list[ExecReport], book: OrderBook | None, live: bool
+    ) -> None:
+        if reports:
+            last = await self._last_published_seq(symbol)
+            subject = subjects.ex_exec(symbol)
+            for report in reports:
+                if report.seq <= last:
+                    continue
+                await self._js_publish(subject, encode(report), {"Nats-Msg-Id": f"{symbol}:{report.seq}"})
+                last = report.seq
+            self._last_published[symbol] = last
+        if book is None:
+            return
+        prints = book.take_prints()
+        if not live:
+            return
+        nc = self.ctx.links.nats
+        for p in prints:
+            await nc.publish(subjects.ex_trade(symbol), encode(p))
+        if prints:
+            await self._write_last_trade(book)
+        await self._publish_quote(book)
+
+    async def _last_published_seq(self, symbol: str) -> int:
+        last = self._last_published.get(symbol)
+        if last is None:
+            js = self._js
+            assert js is not None
+            try:
+                msg = await js.get_last_msg(subjects.STREAM_EX_EXEC, subjects.ex_exec(symbol))
+                last = decode(msg.data or b"", ExecReport).seq
+            except NotFoundError:
+                last = 0
+            self._last_published[symbol] = last
+        return last
+
+    async def _js_publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+        """Publish to JetStream until acknowledged (ids make the retries harmless); the stream seq."""
+        delay = 0.1
+        while True:
+            try:
+                js = self._js
+                assert js is not None
+                ack = await js.publish(subject, data, timeout=5, headers=headers)
+                return int(ack.seq)
+            except (NatsTimeoutError, NoRespondersError, ConnectionClosedError, TimeoutError) as exc:
+                if self.ctx.stopping.is_set():
+                    raise
+                self.log.warning("jetstream publish failed, retrying", subject=subject, error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _write_last_trade(self, book: OrderBook) -> None:
+        price = book.last_price
+        if price is None:
+            return
+        body = {"price": fmt(price), "t": iso(book.last_trade_t) if book.last_trade_t else None}
+        try:
+            await self.ctx.links.redis.set(keys.last_trade(book.symbol), orjson.dumps(body))
+        except Exception as exc:
+            self.log.warning("redis last trade write failed", symbol=book.symbol, error=repr(exc))
+
+    async def _publish_quote(self, book: OrderBook) -> None:
+        if not self.settings.publish_quotes:
+            return
+        top = (book.core.top(), book.core.last_tick)
+        if self._tops.get(book.symbol) == top:
+            return
+        self._tops[book.symbol] = top
+        with contextlib.suppress(Exception):
+            await self.ctx.links.nats.publish(subjects.ex_quote(book.symbol), encode(book.quote()))
+
+    async def _replay_done(self) -> None:
+        self.ready.set()
+        self.log.info("books rebuilt", books=len(self.books), up_to_seq=self.replay_until)
+        for book in self.books.values():
+            await self._write_last_trade(book)
+            await self._publish_quote(book)
+
+    # --- commands the exchange sends itself -----------------------------------------------------
+
+    async def send(self, symbol: str, cmd: BookCommand) -> int:
+        """Publish a command to `ex.cmd.<symbol>`; it is applied when consumed, like anyone's."""
+        return await self._js_publish(subjects.ex_cmd(symbol), encode(cmd))
+
+    async def request_book(self, symbol: str, t: datetime | None = None) -> None:
+        """Make sure `symbol` gets a book (through the stream, so replays agree)."""
+        if symbol in self.books or symbol in self._opening:
+            return
+        self._opening.add(symbol)
+        try:
+            await self.send(symbol, OpenBookCmd(symbol=symbol, t=t))
+        except Exception:
+            self._opening.discard(symbol)
+            raise
+
+    async def _watchlist_loop(self) -> None:
+        await self.ready.wait()
+        while True:
+            try:
+                raw = await self.ctx.links.redis.get(keys.WATCHLIST)
+                if raw:
+                    for s in orjson.loads(raw).get("symbols", []):
+                        try:
+                            await self.request_book(normalize_symbol(s))
+                        except ValidationError:
+                            continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.warning("watchlist read failed", error=repr(exc))
+            await asyncio.sleep(self.settings.watchlist_poll_seconds)
+
+    # --- bars: books, DAY expiry, liquidity -----------------------------------------------------
+
+    async def _on_bar(self, msg: Msg) -> None:
+        try:
+            bar = decode(msg.data, Bar)
+            symbol = normalize_symbol(bar.symbol)
+        except ValidationError as exc:
+            self.log.warning("ignoring a bad bar", subject=msg.subject, error=str(exc))
+            return
+        self._last_bar[symbol] = bar
+        if not self.ready.is_set():
+            return
+        try:
+            t_end = bar.t + bar.interval.delta
+            await self.request_book(symbol, t_end)
+            await self._maybe_expire(symbol, bar.t, t_end)
+            await self._maybe_requote(symbol, bar, t_end)
+        except Exception as exc:
+            self.log.error("bar handling failed", symbol=symbol, error=repr(exc), exc_info=exc)
+
+    async def _maybe_expire(self, symbol: str, bar_t: datetime, t_end: datetime) -> None:
+        """At the first bar that ends at or after a session close, expire DAY orders (a command)."""
+        close = self._next_close.get(symbol)
+        if close is None:
+            book = self.books.get(symbol)
+            since = min(bar_t, book.t) if book is not None and book.t is not None else bar_t
+            last = self._last_expiry.get(symbol)
+            if last is not None:
+                since = max(since, last)
+            close = calendar.next_close(since, symbol)
+        if t_end < close:
+            self._next_close[symbol] = close
+            return
+        # the latest close at or before the end of this bar (several if the feed jumped days)
+        while True:
+            after = calendar.next_close(close, symbol)
+            if after > t_end:
+                break
+            close = after
+        last = self._last_expiry.get(symbol)
+        if last is None or last < close:
+            self._last_expiry[symbol] = close
+            await self.send(symbol, ExpireDayCmd(symbol=symbol, t=close))
+        self._next_close[symbol] = calendar.next_close(close, symbol)
+
+    async def _maybe_requote(self, symbol: str, bar: Bar, t_end: datetime) -> None:
+        state = await self.liquidity(symbol)
+        if not state.enabled:
+            return
+        n = self._bar_count.get(symbol, 0)
+        self._bar_count[symbol] = n + 1
+        if n % state.config.refresh_bars:
+            return
+        if self._agent_inflight.get(symbol, 0) > self.processed_seq:
+            return  # the previous quotes are not applied yet: never stack a second ladder
+        await self.requote(symbol, bar.c, t_end, state.config)
+
+    async def requote(self, symbol: str, ref: Decimal, t: datetime, cfg: LiquidityConfig) -> None:
+        """Cancel/replace the agent's ladder around `ref` (commands through the stream)."""
+        async with self._agent_lock(symbol):
+            state = self._liquidity.get(symbol)
+            if state is not None and not state.enabled:
+                return  # switched off while this re-quote waited
+            await self._requote(symbol, ref, t, cfg)
+
+    async def _requote(self, symbol: str, ref: Decimal, t: datetime, cfg: LiquidityConfig) -> None:
+        inst = instrument(symbol)
+        book = self.books.get(symbol)
+        resting = (
+            [
+                (o["id"], o["side"], o["limit_price"], o["leaves_qty"])
+                for o in book.orders_of(LIQUIDITY_ACCOUNT_ID)
+            ]
+            if book is not None
+            else []
+        )
+        cancels, places = reconcile(resting, ladder(ref, cfg, inst.tick, inst.lot), cfg.min_fill_ratio)
+        seq = 0
+        for oid in cancels:
+            seq = await self.send(
+                symbol,
+                CancelCmd(
+                    order_id=oid,
+                    account_id=LIQUIDITY_ACCOUNT_ID,
+                    symbol=symbol,
+                    t=t,
+                    reason="liquidity re-quote",
+                ),
+            )
+        for rung in places:
+            seq = await self.send(
+                symbol,
+                NewOrderCmd(
+                    order_id=uuid4(),
+                    account_id=LIQUIDITY_ACCOUNT_ID,
+                    symbol=symbol,
+                    side=rung.side,
+                    type=OrderType.LIMIT,
+                    time_in_force=TimeInForce.GTC,
+                    t=t,
+                    qty=rung.qty,
+                    limit_price=rung.price,
+                    stp=SelfTradePrevention.CANCEL_OLDEST,
+                ),
+            )
+        if seq:
+            self._agent_inflight[symbol] = seq
+
+    async def withdraw(self, symbol: str, t: datetime | None) -> None:
+        """Cancel every order of the liquidity agent on `symbol`.
+
+        Under the agent's lock, after its last re-quote is applied: a re-quote that was sending when
+        the switch went off would otherwise place orders this withdrawal never saw (they stayed on
+        the book for good)."""
+        async with self._agent_lock(symbol):
+            await self._until_processed(self._agent_inflight.get(symbol, 0))
+            await self._withdraw(symbol, t)
+
+    async def _withdraw(self, symbol: str, t: datetime | None) -> None:
+        book = self.books.get(symbol)
+        if book is None:
+            return
+        when = t or book.t or (self._last_bar[symbol].t if symbol in self._last_bar else None)
+        if when is None:
+            return
+        seq = 0
+        for o in book.orders_of(LIQUIDITY_ACCOUNT_ID):
+            seq = await self.send(
+                symbol,
+                CancelCmd(
+                    order_id=o["id"],
+                    account_id=LIQUIDITY_ACCOUNT_ID,
+                    symbol=symbol,
+                    t=when,
+                    reason="liquidity off",
+                ),
+            )
+        if seq:
+            self._agent_inflight[symbol] = seq
+
+    def _agent_lock(self, symbol: str) -> asyncio.Lock:
+        return self._agent_locks.setdefault(symbol, asyncio.Lock())
+
+    async def _until_processed(self, seq: int, timeout: float = 10.0) -> None:
+        """Wait (bounded) until the command stream is applied up to `seq`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.processed_seq < seq and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def _latest_bar(self, symbol: str) -> Bar | None:
+        """The streamer's latest 1m bar of `symbol` from Redis (when no bar has been seen yet)."""
+        try:
+            raw = await self.ctx.links.redis.get(keys.latest_bar(Interval.M1, symbol))
+            if raw:
+                bar = decode(raw, Bar)
+                self._last_bar[symbol] = bar
+                return bar
+        except Exception as exc:
+            self.log.info("no latest bar in redis", symbol=symbol, error=repr(exc))
+        return None
+
+    async def liquidity(self, symbol: str) -> LiquidityState:
+        """The symbol's switch and config: cached, else Redis, else the settings' defaults."""
+        state = self._liquidity.get(symbol)
+        if state is not None:
+            return state
+        state = LiquidityState(self.settings.liquidity_enabled, self.settings.liquidity_config())
+        try:
+            raw = await self.ctx.links.redis.get(liquidity_key(symbol))
+            if raw:
+                state = _state_from_json(orjson.loads(raw), state)
+        except Exception as exc:
+            self.log.warning("liquidity flag read failed", symbol=symbol, error=repr(exc))
+            return state
+        self._liquidity[symbol] = state
+        return state
+
+    async def set_liquidity(self, symbol: str, changes: dict[str, Any]) -> LiquidityState:
+        """Switch the agent on/off for `symbol` (and override its config); persisted in Redis."""
+        old = await self.liquidity(symbol)
+        state = _state_from_json(changes, old)
+        await self.ctx.links.redis.set(liquidity_key(symbol), orjson.dumps(state.to_json(symbol)))
+        self._liquidity[symbol] = state
+        bar = self._last_bar.get(symbol) or await self._latest_bar(symbol)
+        if not state.enabled:
+            await self.withdraw(symbol, None)
+        elif bar is not None and symbol in self.books:
+            await self.requote(symbol, bar.c, bar.t + bar.interval.delta, state.config)
+        return state
+
+
+def _state_from_json(data: dict[str, Any], base: LiquidityState) -> LiquidityState:
+    cfg = base.config
+    updates: dict[str, Any] = {}
+    for name in ("spread_bps", "size", "step_bps", "size_step"):
+        if data.get(name) is not None:
+            updates[name] = Decimal(str(data[name]))
+    for name in ("levels", "refresh_bars"):
+        if data.get(name) is not None:
+            updates[name] = int(data[name])
+    enabled = base.enabled if data.get("enabled") is None else bool(data["enabled"])
+    return LiquidityState(enabled, replace(cfg, **updates) if updates else cfg)
