@@ -1,0 +1,331 @@
+"""Risk checks over NATS request/reply against one real risk process, next to a trivial responder.
+
+    .venv/bin/python bench/bench_risk.py [--n 10000] [--seconds 5] [--clients 2] [--inflight 128]
+
+Uses NATS_URL / DATABASE_URL / REDIS_URL when set, else starts embedded servers in a temp dir. Starts
+one risk process (`python -m papertrade_risk`) and one trivial responder process (replies a fixed
+body, the floor of `/work/shared/bench/floors/bench_nats.py`), both on uvloop. Then:
+
+- latency: sequential requests, alternating blocks of 1,000 between risk and the floor so both see the
+  same machine; p50 / p99 of each and the ratios (target: within 1.3x).
+- throughput: `--clients` requester processes with `--inflight` concurrent requests each, for
+  `--seconds`, against risk, then against the floor (target: >= 10,000 checks/s for one replica).
+
+Checks are real: 200 accounts with limits on every rule (qty, notional, position, gross exposure,
+daily loss, rate, collar, symbols), a mark in Redis, orders that pass; each approval reserves open
+exposure through the Lua compare-and-set. Prints a table and writes bench/results/risk.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "risk.json"
+FLOOR_SUBJECT = "bench.risk.floor"
+SYMBOL = "BENCH"
+ACCOUNTS = 200
+FLOOR_REPLY = b'{"decision":"approve","qty":null,"notional":null,"reason":null,"rule":null,"throttled":false}'
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "responder", "load"])
+    ap.add_argument("--url", default="")
+    ap.add_argument("--subject", default="")
+    ap.add_argument("--n", type=int, default=10_000, help="sequential requests per target")
+    ap.add_argument("--seconds", type=float, default=5.0, help="throughput run length per target")
+    ap.add_argument("--clients", type=int, default=2, help="requester processes for throughput")
+    ap.add_argument("--inflight", type=int, default=128, help="concurrent requests per requester")
+    a = ap.parse_args()
+    _uvloop()
+    if a.mode == "responder":
+        asyncio.run(_responder(a.url))
+    elif a.mode == "load":
+        print(json.dumps(asyncio.run(_load(a.url, a.subject, a.seconds, a.inflight))), flush=True)
+    else:
+        run(a)
+
+
+def run(a: argparse.Namespace) -> None:
+    from papertrade.stack.infra import Infra
+    from papertrade.stack.launch import service_env, service_url, start_service, wait_ready
+    from papertrade.stack.procs import free_port
+    from papertrade.stack.services import spec
+
+    with tempfile.TemporaryDirectory(prefix="bench-risk-") as tmp, Infra(Path(tmp) / "infra") as ep:
+        s = spec("risk")
+        env = service_env(
+            s,
+            {**ep.env(), "PAPERTRADE_ADMIN_TOKEN": "bench", "LOG_LEVEL": "WARNING"},
+            {"risk": free_port()},
+        )
+        risk = start_service(s, env, Path(tmp) / "logs")
+        floor = subprocess.Popen(
+            [sys.executable, __file__, "responder", "--url", ep.nats_url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            url = service_url(s, env)
+            wait_ready(risk, url)
+            assert floor.stdout is not None and floor.stdout.readline().strip() == "READY"
+            accounts = asyncio.run(_setup(url, ep.redis_url))
+            lat = asyncio.run(_latency(ep.nats_url, accounts, a.n))
+            thr_risk = _throughput(ep.nats_url, "risk.check", a)
+            thr_floor = _throughput(ep.nats_url, FLOOR_SUBJECT, a)
+            decisions = asyncio.run(_decision_counts(url))
+        finally:
+            risk.stop()
+            if floor.stdin is not None:
+                floor.stdin.close()
+            try:
+                floor.wait(10)
+            except subprocess.TimeoutExpired:
+                floor.kill()
+    _report(lat, thr_risk, thr_floor, decisions, a)
+
+
+# --- setup ------------------------------------------------------------------------------------------
+
+
+async def _setup(url: str, redis_url: str) -> list[str]:
+    import httpx
+    import orjson
+    from redis.asyncio import Redis
+
+    from papertrade import keys
+
+    redis = Redis.from_url(redis_url)
+    await redis.set(
+        keys.last_trade(SYMBOL), orjson.dumps({"price": "100", "t": datetime.now(UTC).isoformat()})
+    )
+    await redis.aclose()
+    limits = {
+        "max_order_qty": 1000,
+        "max_order_notional": "1000000",
+        "max_position_qty": "100000000",
+        "max_gross_exposure": "100000000000",
+        "max_daily_loss": "1000000",
+        "max_orders_per_second": 1000000,
+        "price_collar_pct": 10,
+        "blocked_symbols": ["NOPE"],
+        "trading_hours": "any",
+    }
+    accounts = [str(uuid.uuid4()) for _ in range(ACCOUNTS)]
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": "Bearer bench"}, timeout=30
+    ) as client:
+        for acct in accounts:
+            r = await client.put(f"/v1/limits/{acct}", json=limits)
+            r.raise_for_status()
+    return accounts
+
+
+def _bodies(accounts: list[str], n: int) -> list[bytes]:
+    from papertrade import codec
+    from papertrade.enums import OrderType, Side, TimeInForce
+    from papertrade.messages import RiskCheckRequest
+
+    now = datetime.now(UTC)
+    out = []
+    for i in range(n):
+        req = RiskCheckRequest(
+            order_id=uuid.uuid4(),
+            account_id=uuid.UUID(accounts[i % len(accounts)]),
+            symbol=SYMBOL,
+            side=Side.BUY if i % 2 else Side.SELL,
+            type=OrderType.LIMIT,
+            time_in_force=TimeInForce.DAY,
+            t=now,
+            qty=Decimal(1 + i % 50),
+            limit_price=Decimal("100.05"),
+        )
+        out.append(codec.encode(req))
+    return out
+
+
+# --- latency -----------------------------------------------------------------------------------------
+
+
+async def _latency(nats_url: str, accounts: list[str], n: int) -> dict[str, list[float]]:
+    import nats
+
+    nc = await nats.connect(nats_url)
+    bodies = _bodies(accounts, n + 1000)
+    samples: dict[str, list[float]] = {"risk": [], "floor": []}
+    # warm-up: every account cached, both paths hot
+    for body in bodies[:1000]:
+        await nc.request("risk.check", body, timeout=5)
+        await nc.request(FLOOR_SUBJECT, body, timeout=5)
+    block = 1000
+    for start in range(1000, n + 1000, block):
+        for target, subject in (("risk", "risk.check"), ("floor", FLOOR_SUBJECT)):
+            out = samples[target]
+            for body in bodies[start : start + block]:
+                t0 = time.perf_counter_ns()
+                await nc.request(subject, body, timeout=5)
+                out.append((time.perf_counter_ns() - t0) / 1e6)
+    await nc.close()
+    return samples
+
+
+# --- throughput ----------------------------------------------------------------------------------------
+
+
+def _throughput(nats_url: str, subject: str, a: argparse.Namespace) -> dict[str, float]:
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "load",
+                "--url",
+                nats_url,
+                "--subject",
+                subject,
+                "--seconds",
+                str(a.seconds),
+                "--inflight",
+                str(a.inflight),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(a.clients)
+    ]
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=a.seconds * 10 + 120)
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    done = sum(r["done"] for r in results)
+    errors = sum(r["errors"] for r in results)
+    span = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return {"rate": done / span, "done": done, "errors": errors}
+
+
+async def _load(nats_url: str, subject: str, seconds: float, inflight: int) -> dict[str, Any]:
+    import nats
+
+    nc = await nats.connect(nats_url, pending_size=64 * 1024 * 1024)
+    accounts = [str(uuid.uuid4()) for _ in range(50)]  # fresh accounts: no limits, real checks
+    bodies = _bodies(accounts, 4096)
+    # warm-up
+    await asyncio.gather(*(nc.request(subject, bodies[i], timeout=10) for i in range(256)))
+    state = {"done": 0, "errors": 0}
+    start = time.time()
+    end_at = time.monotonic() + seconds
+
+    async def worker(k: int) -> None:
+        i = k
+        while time.monotonic() < end_at:
+            try:
+                await nc.request(subject, bodies[i & 4095], timeout=10)
+                state["done"] += 1
+            except Exception:
+                state["errors"] += 1
+            i += inflight
+
+    await asyncio.gather(*(worker(k) for k in range(inflight)))
+    end = time.time()
+    await nc.close()
+    return {"done": state["done"], "errors": state["errors"], "start": start, "end": end}
+
+
+async def _responder(nats_url: str) -> None:
+    import nats
+
+    nc = await nats.connect(nats_url)
+
+    async def cb(msg: Any) -> None:
+        await msg.respond(FLOOR_REPLY)
+
+    await nc.subscribe(FLOOR_SUBJECT, cb=cb)
+    await nc.flush()
+    print("READY", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await nc.close()
+
+
+async def _decision_counts(url: str) -> dict[str, Any]:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        text = (await client.get(f"{url}/metrics")).text
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("papertrade_risk_decisions_total{"):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels[len("papertrade_risk_decisions_total") :]] = float(value)
+    return counts
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def _report(
+    lat: dict[str, list[float]],
+    thr_risk: dict[str, float],
+    thr_floor: dict[str, float],
+    decisions: dict[str, Any],
+    a: argparse.Namespace,
+) -> None:
+    r50, r99 = _pct(lat["risk"], 50), _pct(lat["risk"], 99)
+    f50, f99 = _pct(lat["floor"], 50), _pct(lat["floor"], 99)
+    seq_rate = 1000 / statistics.fmean(lat["risk"])
+    rows = [
+        {"figure": "risk.check p50 (sequential)", "value": round(r50, 3), "unit": "ms",
+         "compare": f"trivial responder {f50:.3f} ms", "ratio": round(r50 / f50, 2)},
+        {"figure": "risk.check p99 (sequential)", "value": round(r99, 3), "unit": "ms",
+         "compare": f"trivial responder {f99:.3f} ms", "ratio": round(r99 / f99, 2)},
+        {"figure": "risk.check sequential rate", "value": round(seq_rate), "unit": "checks/s",
+         "compare": "one requester", "ratio": None},
+        {"figure": f"risk.check throughput ({a.clients}x{a.inflight} in flight)", "value": round(thr_risk["rate"]),
+         "unit": "checks/s", "compare": f"trivial responder {thr_floor['rate']:.0f}/s; target 10000",
+         "ratio": round(thr_risk["rate"] / thr_floor["rate"], 2)},
+    ]  # fmt: skip
+    print()
+    print(f"{'figure':<48} {'value':>10} {'unit':<9} {'compare':<45} {'ratio':>6}")
+    for row in rows:
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        print(f"{row['figure']:<48} {row['value']:>10} {row['unit']:<9} {row['compare']:<45} {ratio:>6}")
+    print(
+        f"\nthroughput errors: risk {thr_risk['errors']}, floor {thr_floor['errors']}; decisions: {decisions}"
+    )
+    print(f"load average during run: {os.getloadavg()[0]:.2f} (2 vCPU; compare ratios within one run)")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {RESULTS.relative_to(REPO)}")
+
+
+def _uvloop() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""papertrade risk: Pre-trade risk checks: approve, clip or reject every order; kill switch."""

@@ -1,0 +1,298 @@
+"""The risk service's background work: the `risk.check` responder, the execution-report consumer,
+the decision audit writer, and the kill switches (Postgres, restored into Redis after a Redis loss).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import structlog
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import FetchTimeoutError
+from redis.asyncio import Redis
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+
+from papertrade import codec
+from papertrade.bus import subjects
+from papertrade.bus.streams import exec_consumer
+from papertrade.errors import ValidationError
+from papertrade.messages import CancelCmd, ExecReport, RiskCheckRequest
+from papertrade.risk import reject
+from papertrade.service import ServiceContext
+from papertrade_risk.engine import AuditRecord, RiskChecker
+from papertrade_risk.store import ACCOUNTS, KILL_GLOBAL, KILL_SYNCED, LOG, kill_account_key, log_key
+from papertrade_risk.tables import kill_switches_table
+
+_log = structlog.get_logger("risk")
+
+QUEUE_GROUP = "risk"
+DURABLE = "risk"
+FETCH = 256
+#: capped audit lists: per account and for all accounts
+LOG_PER_ACCOUNT = 1_000
+LOG_ALL = 10_000
+AUDIT_INTERVAL = 0.1
+GLOBAL = "global"
+
+
+class RiskService:
+    def __init__(
+        self, ctx: ServiceContext, checker: RiskChecker, redis: Redis, durable: str = DURABLE
+    ) -> None:
+        self.ctx = ctx
+        self.checker = checker
+        self.redis = redis
+        self.durable = durable
+        self.subscribed = False
+        self.consuming = False
+        self.applied = 0
+        self._subs: list[Any] = []
+
+    # --- risk.check --------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Subscribe to `risk.check` (queue group: replicas share) and to trade prints (marks)."""
+        nc = await self.ctx.links.wait_nats()
+        checker = self.checker
+
+        async def on_check(msg: Msg) -> None:
+            reply = msg.reply
+            if not reply:
+                return
+
+            async def respond(data: bytes) -> None:
+                await nc.publish(reply, data)
+
+            try:
+                req = codec.decode(msg.data, RiskCheckRequest)
+            except ValidationError as exc:
+                await respond(codec.encode(reject("request", f"unreadable risk.check request: {exc}")))
+                return
+            checker.start(req, respond)
+
+        async def on_trade(msg: Msg) -> None:
+            checker.on_trade(msg.data)
+
+        async def on_release(msg: Msg) -> None:
+            try:
+                cmd = codec.decode(msg.data, CancelCmd)
+            except ValidationError as exc:
+                _log.warning("unreadable risk.release skipped", error=str(exc))
+                return
+            self.ctx.spawn(self._release(cmd), "risk-release")
+
+        self._subs.append(
+            await nc.subscribe(
+                subjects.RISK_CHECK,
+                queue=QUEUE_GROUP,
+                cb=on_check,
+                pending_msgs_limit=1_000_000,
+                pending_bytes_limit=512 * 1024 * 1024,
+            )
+        )
+        self._subs.append(
+            await nc.subscribe(subjects.EX_TRADE_ALL, cb=on_trade, pending_msgs_limit=1_000_000)
+        )
+        self._subs.append(await nc.subscribe(subjects.RISK_RELEASE, queue=QUEUE_GROUP, cb=on_release))
+        await nc.flush()
+        self.subscribed = True
+        _log.info("risk.check responder subscribed", queue=QUEUE_GROUP)
+
+    async def _release(self, cmd: CancelCmd) -> None:
+        try:
+            await self.checker.release(cmd)
+        except Exception as exc:
+            _log.warning("risk.release not applied", order_id=str(cmd.order_id), error=repr(exc))
+
+    # --- execution reports -------------------------------------------------------------------------
+
+    async def consume(self) -> None:
+        """Keep positions and open exposure current from `ex.exec.>` (durable consumer shared by replicas)."""
+        while not self.ctx.stopping.is_set():
+            try:
+                await self._consume()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.consuming = False
+                _log.warning("execution consumer restarting", error=repr(exc))
+                await asyncio.sleep(0.5)
+
+    async def handle(self, msgs: Sequence[Msg]) -> None:
+        """Apply a fetched batch in order (one Lua round trip per report that changes something)."""
+        for msg in msgs:
+            try:
+                await self._apply(msg)
+            except Exception as exc:
+                _log.warning("execution report not applied; redelivery", error=repr(exc))
+                await msg.nak(delay=1.0)
+                continue
+            await msg.ack()
+
+    async def close(self) -> None:
+        """Unsubscribe before the links drain (a pending pull subscription would hold the drain up)."""
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:
+                _log.debug("unsubscribe failed", error=repr(exc))
+        self._subs.clear()
+        await self.flush_audit()
+
+    async def _consume(self) -> None:
+        await self.ctx.links.wait_nats()
+        sub = await exec_consumer(self.ctx.links.js, self.durable)
+        self._subs.append(sub)
+        self.consuming = True
+        while not self.ctx.stopping.is_set():
+            try:
+                msgs = await sub.fetch(FETCH, timeout=1.0)
+            except (FetchTimeoutError, NatsTimeoutError, TimeoutError):
+                continue
+            if msgs:
+                await self.handle(msgs)
+
+    async def _apply(self, msg: Msg) -> None:
+        try:
+            report = codec.decode(msg.data, ExecReport)
+        except ValidationError as exc:
+            _log.error("unreadable execution report skipped", subject=msg.subject, error=str(exc))
+            return
+        outcome = await self.checker.apply_exec(report)
+        if outcome == "applied":
+            self.applied += 1
+
+    # --- audit -------------------------------------------------------------------------------------
+
+    async def audit_writer(self) -> None:
+        while not self.ctx.stopping.is_set():
+            await asyncio.sleep(AUDIT_INTERVAL)
+            await self.flush_audit()
+
+    async def flush_audit(self) -> None:
+        per_account = self.checker.take_audit()
+        if not per_account:
+            return
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.lpush(LOG, *(record for _, record in per_account))
+            pipe.ltrim(LOG, 0, LOG_ALL - 1)
+            by_account: dict[str, list[bytes]] = {}
+            for account, record in per_account:
+                by_account.setdefault(account, []).append(record)
+            for account, recs in by_account.items():
+                pipe.lpush(log_key(account), *recs)
+                pipe.ltrim(log_key(account), 0, LOG_PER_ACCOUNT - 1)
+            await pipe.execute()
+        except Exception as exc:
+            _log.warning(
+                "decision audit not written (Redis unreachable)", records=len(per_account), error=repr(exc)
+            )
+
+    async def decisions(self, account_id: str | None, limit: int) -> list[Any]:
+        await self.flush_audit()
+        key = log_key(account_id) if account_id else LOG
+        raw = await self.redis.lrange(key, 0, limit - 1)
+        return [codec.decode(r, AuditRecord).flat() for r in raw]
+
+    # --- kill switches -----------------------------------------------------------------------------
+
+    async def set_kill_switch(self, account_id: str | None, engaged: bool, reason: str) -> None:
+        """Durable in Postgres first, then live in Redis (what every check reads)."""
+        scope = account_id or GLOBAL
+        now = datetime.now(UTC)
+        async with self.ctx.links.engine.begin() as conn:
+            stmt = insert(kill_switches_table).values(
+                scope=scope, engaged=engaged, reason=reason, updated_at=now
+            )
+            await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[kill_switches_table.c.scope],
+                    set_={"engaged": engaged, "reason": reason, "updated_at": now},
+                )
+            )
+        await self._apply_kill(scope, engaged, reason)
+
+    async def kill_switches(self) -> dict[str, Any]:
+        rows = await self._kill_rows()
+        out: dict[str, Any] = {"global": {"engaged": False, "reason": None}, "accounts": {}}
+        for scope, engaged, reason in rows:
+            entry = {"engaged": engaged, "reason": reason or None}
+            if scope == GLOBAL:
+                out["global"] = entry
+            else:
+                out["accounts"][scope] = entry
+        return out
+
+    async def cancel_open_orders(self, account_id: str | None) -> int:
+        """Publish a CancelCmd on `ex.cmd.<symbol>` for every open order risk tracks (one account or all)."""
+        if account_id is not None:
+            accounts = [account_id]
+        else:
+            members = await self.redis.smembers(ACCOUNTS)
+            accounts = [a.decode() if isinstance(a, bytes) else str(a) for a in members]
+        js = self.ctx.links.js
+        now = datetime.now(UTC)
+        sent = 0
+        for account in accounts:
+            acct = await self.checker.snapshot(account)
+            if acct is None:
+                continue
+            for oid, order in list(acct.state.open_orders.items()):
+                cmd = CancelCmd(
+                    order_id=UUID(oid),
+                    account_id=UUID(account),
+                    symbol=order.symbol,
+                    t=now,
+                    reason="kill switch engaged",
+                )
+                await js.publish(
+                    subjects.ex_cmd(order.symbol),
+                    codec.encode(cmd),
+                    headers={"Nats-Msg-Id": f"risk-kill-cancel-{oid}"},
+                )
+                sent += 1
+        return sent
+
+    async def restore_kill_switches(self) -> None:
+        """After Redis lost its data (no `kill:synced` marker), copy the kill switches from Postgres."""
+        while not self.ctx.stopping.is_set():
+            try:
+                if not await self.redis.exists(KILL_SYNCED):
+                    for scope, engaged, reason in await self._kill_rows():
+                        await self._apply_kill(scope, engaged, reason or "")
+                    await self.redis.set(KILL_SYNCED, b"1")
+                    _log.info("kill switches restored into Redis")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _log.debug("kill switch restore pending", error=repr(exc))
+            await asyncio.sleep(2.0)
+
+    async def _kill_rows(self) -> list[tuple[str, bool, str]]:
+        async with self.ctx.links.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(
+                        kill_switches_table.c.scope,
+                        kill_switches_table.c.engaged,
+                        kill_switches_table.c.reason,
+                    ).order_by(kill_switches_table.c.scope)
+                )
+            ).all()
+        return [(r[0], bool(r[1]), r[2] or "") for r in rows]
+
+    async def _apply_kill(self, scope: str, engaged: bool, reason: str) -> None:
+        key = KILL_GLOBAL if scope == GLOBAL else kill_account_key(scope)
+        if engaged:
+            who = "for all accounts" if scope == GLOBAL else "for this account"
+            text = f"kill switch engaged {who}" + (f": {reason}" if reason else "")
+            await self.redis.set(key, text.encode())
+        else:
+            await self.redis.delete(key)

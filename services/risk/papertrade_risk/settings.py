@@ -1,0 +1,20 @@
+"""Settings of the risk service (env vars; see papertrade.settings for the common ones)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from papertrade.settings import ServiceSettings
+
+
+class RiskSettings(ServiceSettings):
+    service_name: ClassVar[str] = "risk"
+
+    #: Run the Alembic migrations at start-up (`RISK_MIGRATE`).
+    migrate: bool = Field(True, validation_alias="RISK_MIGRATE")
+    #: The durable JetStream consumer of `ex.exec.>` shared by the replicas (`RISK_DURABLE`).
+    durable: str = Field("risk", validation_alias="RISK_DURABLE")
+    #: Seconds a Redis call may take before the check fails closed (`RISK_REDIS_TIMEOUT`).
+    redis_timeout: float = Field(1.0, validation_alias="RISK_REDIS_TIMEOUT")

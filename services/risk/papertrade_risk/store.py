@@ -1,0 +1,260 @@
+"""Risk's live state in Redis, changed only by one Lua script so replicas agree.
+
+Keys (prefix `papertrade.keys.RISK_PREFIX`, `pt:risk:`):
+
+| key | value |
+| --- | --- |
+| `a:<account>:v` | the account's state version: a token every write replaces (compare-and-set) |
+| `a:<account>:lim` | the account's limits (JSON; `{}` = none); absent = not loaded from Postgres yet |
+| `a:<account>:pos` | hash symbol -> `{"q", "a"}` position qty and average entry |
+| `a:<account>:open` | hash order id -> `{"s", "d", "q", "p"}` approved orders not done (open exposure) |
+| `a:<account>:day` | `{"d", "r"}` the trading day and the P&L realised on it |
+| `a:<account>:rate` | hash `n` tokens, `t` Redis time: the max_orders_per_second bucket |
+| `kill:global` · `kill:a:<account>` | the reason text while a kill switch is engaged |
+| `kill:synced` | present once the kill switches were restored from Postgres into this Redis |
+| `seen:<symbol>:<seq>` | an execution report already applied (expires after 3 days) |
+| `accounts` | set of accounts with state |
+| `log` · `log:<account>` | capped lists of recent decisions (JSON, newest first) |
+
+The script answers one JSON document per batch (parsing nested RESP arrays in Python is slow).
+Every decision is optimistic: a replica decides with the rules on the state it holds (cached, with
+its version), then one script call commits the reservation only if the version is still the same
+(else it returns the current state and the replica decides again). Kill switches and the rate bucket
+are checked inside the same script. So two replicas can never both approve orders that together
+break a limit, and a replica pays one Redis round trip per check. Calls from many concurrent checks
+are batched into one script call (`LuaBatcher`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from papertrade.keys import RISK_PREFIX
+from papertrade_risk.resp import RedisReplyError, RespConnection
+
+Result = Any
+Continuation = Callable[[Result | BaseException], Awaitable[None]]
+
+SCRIPT = r"""
+local P = ARGV[1]
+local function k(a, name) return P .. 'a:' .. a .. ':' .. name end
+local function snap(a)
+  return {
+    v = redis.call('GET', k(a, 'v')) or '',
+    lim = redis.call('GET', k(a, 'lim')) or '',
+    pos = redis.call('HGETALL', k(a, 'pos')),
+    open = redis.call('HGETALL', k(a, 'open')),
+    day = redis.call('GET', k(a, 'day')) or '',
+  }
+end
+local function killed(a)
+  local g = redis.call('GET', P .. 'kill:global')
+  if g then return g end
+  return redis.call('GET', P .. 'kill:a:' .. a)
+end
+local out = {}
+for i = 2, #ARGV do
+  local it = cjson.decode(ARGV[i])
+  local op, a = it.op, it.a
+  local res
+  if op == 's' then
+    res = {'snap', snap(a)}
+  elseif op == 'm' then
+    local marks = {}
+    for j, sym in ipairs(it.syms) do
+      marks[2 * j - 1] = redis.call('GET', 'pt:last:' .. sym) or ''
+      marks[2 * j] = redis.call('GET', 'pt:bar:1m:' .. sym) or ''
+    end
+    res = {'marks', marks}
+  elseif op == 'c' then
+    local kr = killed(a)
+    local cur = redis.call('GET', k(a, 'v')) or ''
+    if kr then
+      res = {'killed', kr}
+    elseif cur ~= it.v then
+      res = {'conflict', snap(a)}
+    else
+      local ok = true
+      local rate = tonumber(it.rate) or 0
+      if rate > 0 then
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+        local cap = math.max(rate, 1)
+        local h = redis.call('HMGET', k(a, 'rate'), 'n', 't')
+        local tokens = cap
+        if h[1] and h[2] then
+          tokens = math.min(cap, tonumber(h[1]) + math.max(0, now - tonumber(h[2])) * rate)
+        end
+        if tokens < 1 then ok = false else tokens = tokens - 1 end
+        redis.call('HSET', k(a, 'rate'), 'n', string.format('%.6f', tokens), 't', string.format('%.6f', now))
+        redis.call('EXPIRE', k(a, 'rate'), math.ceil(cap / rate) + 1)
+      end
+      if not ok then
+        res = {'throttled', ''}
+      else
+        if it.rep ~= '' then redis.call('HDEL', k(a, 'open'), it.rep) end
+        if it.o ~= '' then redis.call('HSET', k(a, 'open'), it.oid, it.o) end
+        redis.call('SET', k(a, 'v'), it.nv)
+        redis.call('SADD', P .. 'accounts', a)
+        res = {'ok'}
+      end
+    end
+  elseif op == 'v' then
+    local cur = redis.call('GET', k(a, 'v')) or ''
+    if cur ~= it.v then res = {'conflict', snap(a)} else res = {'ok'} end
+  elseif op == 'a' then
+    if it.dk ~= '' and redis.call('EXISTS', it.dk) == 1 then
+      res = {'dup'}
+    else
+      local cur = redis.call('GET', k(a, 'v')) or ''
+      if cur ~= it.v then
+        res = {'conflict', snap(a)}
+      else
+        if it.ps ~= '' then
+          if it.p == '' then redis.call('HDEL', k(a, 'pos'), it.ps) else redis.call('HSET', k(a, 'pos'), it.ps, it.p) end
+        end
+        for j = 1, #it.ord, 2 do
+          if it.ord[j + 1] == '' then
+            redis.call('HDEL', k(a, 'open'), it.ord[j])
+          else
+            redis.call('HSET', k(a, 'open'), it.ord[j], it.ord[j + 1])
+          end
+        end
+        if it.day ~= '' then redis.call('SET', k(a, 'day'), it.day) end
+        if it.dk ~= '' then redis.call('SET', it.dk, '1', 'EX', 259200) end
+        redis.call('SET', k(a, 'v'), it.nv)
+        redis.call('SADD', P .. 'accounts', a)
+        res = {'ok'}
+      end
+    end
+  elseif op == 'l' then
+    if it.nx and redis.call('EXISTS', k(a, 'lim')) == 1 then
+      res = {'exists'}
+    else
+      redis.call('SET', k(a, 'lim'), it.lim)
+      redis.call('SET', k(a, 'v'), it.nv)
+      res = {'ok'}
+    end
+  else
+    res = {'error', 'unknown op ' .. tostring(op)}
+  end
+  out[i - 1] = res
+end
+return cjson.encode(out)
+"""
+
+
+def account_key(account: str, name: str) -> str:
+    return f"{RISK_PREFIX}a:{account}:{name}"
+
+
+KILL_GLOBAL = f"{RISK_PREFIX}kill:global"
+KILL_SYNCED = f"{RISK_PREFIX}kill:synced"
+ACCOUNTS = f"{RISK_PREFIX}accounts"
+LOG = f"{RISK_PREFIX}log"
+
+
+def kill_account_key(account: str) -> str:
+    return f"{RISK_PREFIX}kill:a:{account}"
+
+
+def log_key(account: str) -> str:
+    return f"{RISK_PREFIX}log:{account}"
+
+
+def seen_key(symbol: str, seq: int) -> str:
+    return f"{RISK_PREFIX}seen:{symbol}:{seq}"
+
+
+class LuaBatcher:
+    """Queue script items from many concurrent checks; one script call runs a whole batch atomically.
+
+    At most one call is in flight: a lone check pays one round trip, a burst shares one.
+    """
+
+    def __init__(self, redis: RespConnection, max_batch: int = 256) -> None:
+        self.redis = redis
+        self.max_batch = max_batch
+        self._queue: list[tuple[bytes, Continuation]] = []
+        self._running = False
+        self._sha: bytes | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.calls = 0
+        self.items = 0
+
+    def submit(self, item: bytes, cont: Continuation) -> None:
+        """Queue one JSON item; `cont` is awaited with its result (or the exception of the call)."""
+        self._queue.append((item, cont))
+        if not self._running:
+            self._running = True
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def call(self, item: bytes) -> Result:
+        """One item, awaited (for the slow paths: REST, the execution consumer).
+
+        Never from inside a continuation: the batch loop would wait for itself.
+        """
+        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+
+        async def cont(result: Result | BaseException) -> None:
+            if fut.done():
+                return
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+        self.submit(item, cont)
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self.max_batch]
+                del self._queue[: self.max_batch]
+                try:
+                    results = await self._eval([item for item, _ in batch])
+                except Exception as exc:
+                    for _, cont in batch:
+                        await _safe(cont, exc)
+                    continue
+                self.calls += 1
+                self.items += len(batch)
+                for (_, cont), result in zip(batch, results, strict=True):
+                    await _safe(cont, result)
+        finally:
+            self._running = False
+
+    async def _eval(self, items: list[bytes]) -> list[Result]:
+        if self._sha is None:
+            self._sha = await self._load_script()
+        try:
+            result = await self.redis.call(b"EVALSHA", self._sha, b"0", RISK_PREFIX, *items)
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            self._sha = await self._load_script()
+            result = await self.redis.call(b"EVALSHA", self._sha, b"0", RISK_PREFIX, *items)
+        if not isinstance(result, bytes):
+            raise RedisReplyError(f"unexpected answer from the risk script: {result!r}")
+        decoded: list[Result] = orjson.loads(result)
+        return decoded
+
+    async def _load_script(self) -> bytes:
+        sha = await self.redis.call(b"SCRIPT", b"LOAD", SCRIPT)
+        if not isinstance(sha, bytes):
+            raise RedisReplyError(f"SCRIPT LOAD answered {sha!r}")
+        return sha
+
+
+async def _safe(cont: Continuation, result: Result | BaseException) -> None:
+    try:
+        await cont(result)
+    except Exception:  # a continuation must never break the batch loop
+        import structlog
+
+        structlog.get_logger("risk").exception("risk continuation failed")
