@@ -1,0 +1,546 @@
+"""The broker's whole path: HTTP submit -> risk -> orderbook -> execution -> Postgres -> trade update.
+
+    .venv/bin/python bench/bench_broker.py            # ~10 s of load
+    .venv/bin/python bench/bench_broker.py --full     # 60 s of load (the issue's figure)
+
+Method. Embedded NATS/Postgres/Redis (or NATS_URL/DATABASE_URL/REDIS_URL), the real risk, orderbook
+(synthetic liquidity off) and broker processes started with `papertrade.stack.launch`, one symbol
+in the watchlist. Orders are limit orders at one price, alternating buy and sell, so every sell
+crosses a resting buy and both sides fill: each order makes an `accepted` report and a fill.
+
+- single: one aiohttp client, sequential. submit-to-ack = POST /v2/orders until its 200 (the order is
+  validated, risk answered over NATS, the order committed to Postgres and its command acked by
+  JetStream). submit-to-fill-update = POST sent until this process receives the order's `fill` trade
+  update on `broker.event.<account>` (book matched, report consumed, ledger committed, published).
+- load: 50 concurrent aiohttp clients (one connection and one account each) for the duration;
+  orders/s = 200 answers per second; errors = any other answer or a transport error. After the load,
+  the broker must book every fill: fill reports seen on `ex.exec.>` for the bench accounts = execution
+  rows in Postgres. fill-to-commit = a fill report seen on `ex.exec.>` until its trade update (which
+  the broker publishes after the commit) is seen, in this process.
+Floors (../shared/bench/FLOORS.md) are printed beside; NATS request/reply and a Postgres commit are
+re-measured in the same run. Writes bench/results/broker.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "shared"))
+
+import aiohttp  # noqa: E402
+import httpx  # noqa: E402
+import nats  # noqa: E402
+import orjson  # noqa: E402
+import psutil  # noqa: E402
+import psycopg  # noqa: E402
+import redis  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from papertrade import keys  # noqa: E402
+from papertrade.stack.infra import Endpoints, Infra, create_database  # noqa: E402
+from papertrade.stack.launch import service_env, service_url, start_service, wait_ready  # noqa: E402
+from papertrade.stack.procs import ManagedProcess, free_port  # noqa: E402
+from papertrade.stack.services import spec  # noqa: E402
+
+ADMIN_TOKEN = "bench-admin-token"
+SYMBOL = "BNCH"
+PRICE = "100"
+RESULTS = ROOT / "bench" / "results" / "broker.json"
+
+FLOOR_HTTP_RPS = 4940.0  # FLOORS.md: minimal FastAPI POST, 50 connections, wrk
+FLOOR_HTTP_P50_MS = 0.29  # FLOORS.md: same, sequential, raw-socket client
+FLOOR_HTTP_P99_MS = 0.51
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="60 s of load (default ~10 s)")
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--single", type=int, default=1000, help="sequential orders for the latency figures")
+    args = parser.parse_args()
+    seconds = args.seconds or (60.0 if args.full else 10.0)
+    console = Console()
+    with ExitStack() as stack:
+        endpoints = _endpoints(stack)
+        env, durable = _env(endpoints)
+        logs = Path(
+            os.environ.get("BENCH_LOG_DIR")
+            or stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-broker-logs-"))
+        )
+        _prepare_redis(endpoints.redis_url)
+        console.print(f"infra: {endpoints.env()}")
+        console.print("starting risk, orderbook, broker ...")
+        procs: list[ManagedProcess] = []
+        urls: dict[str, str] = {}
+        try:
+            for name in ("risk", "orderbook", "broker"):
+                s = spec(name)
+                full = service_env(s, env, {name: free_port()})
+                proc = start_service(s, full, logs)
+                procs.append(proc)
+                urls[name] = service_url(s, full)
+                wait_ready(proc, urls[name], timeout=120)
+            _wait_symbol(urls["orderbook"])
+            pids = {p.name: p.pid for p in procs if p.pid is not None}
+            figures = asyncio.run(
+                _run(urls["broker"], endpoints, durable, args.clients, seconds, args.single, console, pids)
+            )
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+    _report(figures, seconds, args.clients, console)
+    return 0
+
+
+async def _run(
+    url: str,
+    ep: Endpoints,
+    durable: str,
+    clients: int,
+    seconds: float,
+    single: int,
+    console: Console,
+    pids: dict[str, int],
+) -> dict[str, Any]:
+    accounts = _accounts(url, clients + 2)
+    observer = _Observer({a["id"] for a in accounts})
+    await observer.start(ep.nats_url)
+    figures: dict[str, Any] = {}
+    console.print(f"single-order latency: {single} sequential orders ...")
+    figures |= await _single(url, accounts[0], accounts[1], observer, single)
+    console.print(f"load: {clients} clients for {seconds:g} s ...")
+    cpu = _CpuSampler(pids)
+    figures |= await _load(url, accounts[2:], seconds)
+    figures["load_cpu"] = cpu.percent()
+    figures["loadavg"] = os.getloadavg()[0]
+    console.print("waiting for the ledger to book every fill ...")
+    figures |= await _settle(ep, durable, observer, {a["id"] for a in accounts[2:]})
+    figures |= await _floors(ep)
+    await observer.stop()
+    return figures
+
+
+# --- phases -------------------------------------------------------------------------------------------
+
+
+async def _single(
+    url: str, buyer: dict[str, Any], seller: dict[str, Any], obs: _Observer, n: int
+) -> dict[str, Any]:
+    ack: list[float] = []
+    sent: dict[str, float] = {}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2)) as session:
+        for i in range(n + 50):
+            acct = buyer if i % 2 == 0 else seller
+            body = _order_body("buy" if i % 2 == 0 else "sell")
+            t0 = time.perf_counter()
+            async with session.post(f"{url}/v2/orders", data=orjson.dumps(body), headers=_headers(acct)) as r:
+                data = await r.read()
+            t1 = time.perf_counter()
+            if r.status != 200:
+                raise RuntimeError(f"single order failed: {r.status} {data[:200]!r}")
+            if i >= 50:  # warm-up excluded
+                ack.append(t1 - t0)
+                sent[orjson.loads(data)["id"]] = t0
+        deadline = time.perf_counter() + 30
+        while time.perf_counter() < deadline and not all(oid in obs.filled_at for oid in sent):
+            await asyncio.sleep(0.05)
+    to_fill = [obs.filled_at[oid] - t for oid, t in sent.items() if oid in obs.filled_at]
+    return {
+        "single_ack_p50": _pct(ack, 50),
+        "single_ack_p99": _pct(ack, 99),
+        "single_fill_p50": _pct(to_fill, 50),
+        "single_fill_p99": _pct(to_fill, 99),
+        "single_n": len(ack),
+        "single_missing_fills": len(sent) - len(to_fill),
+    }
+
+
+async def _load(url: str, accounts: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    ok = 0
+    errors = 0
+    error_samples: list[str] = []
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+    warm_until = time.perf_counter() + min(2.0, seconds / 5)
+    counted_from = [0.0]
+
+    async def worker(i: int, session: aiohttp.ClientSession, acct: dict[str, Any]) -> None:
+        nonlocal ok, errors
+        side = "buy" if i % 2 == 0 else "sell"
+        headers = _headers(acct)
+        payload = orjson.dumps(_order_body(side))
+        while True:
+            now = time.perf_counter()
+            if now >= stop_at:
+                return
+            try:
+                async with session.post(f"{url}/v2/orders", data=payload, headers=headers) as r:
+                    data = await r.read()
+                    status = r.status
+            except Exception as exc:  # transport errors count as errors
+                status, data = -1, repr(exc).encode()
+            t1 = time.perf_counter()
+            if now < warm_until:
+                continue
+            if status == 200:
+                ok += 1
+                latencies.append(t1 - now)
+            else:
+                errors += 1
+                if len(error_samples) < 5:
+                    error_samples.append(f"{status} {data[:160]!r}")
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=len(accounts) + 5)) as session:
+        tasks = [asyncio.create_task(worker(i, session, a)) for i, a in enumerate(accounts)]
+        await asyncio.sleep(max(warm_until - time.perf_counter(), 0))
+        counted_from[0] = time.perf_counter()
+        await asyncio.gather(*tasks)
+    elapsed = stop_at - counted_from[0]
+    return {
+        "load_ok": ok,
+        "load_errors": errors,
+        "load_error_samples": error_samples,
+        "load_rps": ok / elapsed if elapsed > 0 else 0.0,
+        "load_p50": _pct(latencies, 50),
+        "load_p99": _pct(latencies, 99),
+        "load_seconds": elapsed,
+    }
+
+
+async def _settle(ep: Endpoints, durable: str, obs: _Observer, account_ids: set[str]) -> dict[str, Any]:
+    nc = await nats.connect(ep.nats_url)
+    js = nc.jetstream()
+    last = -1
+    stable_since = time.perf_counter()
+    deadline = time.perf_counter() + 180
+    while time.perf_counter() < deadline:
+        info = await js.consumer_info("EX_EXEC", durable)
+        seen = obs.fill_reports
+        if info.num_pending == 0 and info.num_ack_pending == 0 and seen == last:
+            if time.perf_counter() - stable_since > 2.0:
+                break
+        else:
+            stable_since = time.perf_counter()
+        last = seen
+        await asyncio.sleep(0.2)
+    await nc.close()
+    fills_reported = sum(1 for k, acct in obs.fill_accounts.items() if acct in account_ids)
+    url = make_url(ep.database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM executions WHERE account_id = ANY(%s::uuid[])", (list(account_ids),)
+        ).fetchone()
+    persisted = int(row[0]) if row else 0
+    commit = [
+        obs.update_at[k] - t
+        for k, t in obs.report_at.items()
+        if k in obs.update_at and obs.fill_accounts.get(k) in account_ids
+    ]
+    return {
+        "fills_reported": fills_reported,
+        "fills_persisted": persisted,
+        "fill_commit_p50": _pct(commit, 50),
+        "fill_commit_p99": _pct(commit, 99),
+    }
+
+
+async def _floors(ep: Endpoints) -> dict[str, Any]:
+    """Re-measure two cheap floors in this run: NATS request/reply and a one-row Postgres commit."""
+    nc = await nats.connect(ep.nats_url)
+
+    async def echo(msg: Any) -> None:
+        await msg.respond(b"{}")
+
+    await nc.subscribe("bench.echo", cb=echo)
+    rr: list[float] = []
+    for _ in range(1200):
+        t0 = time.perf_counter()
+        await nc.request("bench.echo", b"{}", timeout=2)
+        rr.append(time.perf_counter() - t0)
+    await nc.close()
+    url = make_url(ep.database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    pg: list[float] = []
+    with psycopg.connect(url) as conn:
+        conn.execute("CREATE TEMP TABLE bench_floor (id int)")
+        conn.commit()
+        for i in range(1000):
+            t0 = time.perf_counter()
+            conn.execute("INSERT INTO bench_floor VALUES (%s)", (i,))
+            conn.commit()
+            pg.append(time.perf_counter() - t0)
+    return {"floor_rr_p50": _pct(rr[200:], 50), "floor_pg_p50": _pct(pg, 50)}
+
+
+class _CpuSampler:
+    """CPU % of each service process (and of this load generator) between construction and `percent()`."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.procs["bench (clients)"] = psutil.Process()
+        for p in self.procs.values():
+            p.cpu_percent()
+
+    def percent(self) -> dict[str, float]:
+        out = {}
+        for name, p in self.procs.items():
+            try:
+                out[name] = p.cpu_percent()
+            except psutil.Error:
+                out[name] = float("nan")
+        return out
+
+
+# --- observation --------------------------------------------------------------------------------------
+
+
+class _Observer:
+    """Fill reports on `ex.exec.>` and trade updates on `broker.event.>`, timed on arrival."""
+
+    def __init__(self, account_ids: set[str]) -> None:
+        self.account_ids = account_ids
+        self.report_at: dict[tuple[str, str], float] = {}
+        self.fill_accounts: dict[tuple[str, str], str] = {}
+        self.update_at: dict[tuple[str, str], float] = {}
+        self.filled_at: dict[str, float] = {}
+        self.fill_reports = 0
+        self._nc: Any = None
+
+    async def start(self, nats_url: str) -> None:
+        self._nc = await nats.connect(nats_url, pending_size=512 * 1024 * 1024)
+        await self._nc.subscribe(
+            "ex.exec.>", cb=self._on_report, pending_msgs_limit=10_000_000, pending_bytes_limit=-1
+        )
+        await self._nc.subscribe(
+            "broker.event.>", cb=self._on_update, pending_msgs_limit=10_000_000, pending_bytes_limit=-1
+        )
+        await self._nc.flush()
+
+    async def stop(self) -> None:
+        await self._nc.close()
+
+    async def _on_report(self, msg: Any) -> None:
+        t = time.perf_counter()
+        r = orjson.loads(msg.data)
+        if r.get("exec") != "fill" or r.get("account_id") not in self.account_ids:
+            return
+        key = (r["exec_id"], r["order_id"])
+        if key not in self.report_at:
+            self.report_at[key] = t
+            self.fill_accounts[key] = r["account_id"]
+            self.fill_reports += 1
+
+    async def _on_update(self, msg: Any) -> None:
+        t = time.perf_counter()
+        u = orjson.loads(msg.data)
+        if u.get("event") not in ("fill", "partial_fill"):
+            return
+        key = (u["execution_id"], u["order"]["id"])
+        self.update_at.setdefault(key, t)
+        if u["event"] == "fill":
+            self.filled_at.setdefault(u["order"]["id"], t)
+
+
+# --- setup --------------------------------------------------------------------------------------------
+
+
+def _endpoints(stack: ExitStack) -> Endpoints:
+    if all(os.environ.get(k) for k in ("NATS_URL", "DATABASE_URL", "REDIS_URL")):
+        base = Endpoints(
+            nats_url=os.environ["NATS_URL"],
+            database_url=os.environ["DATABASE_URL"],
+            redis_url=os.environ["REDIS_URL"],
+        )
+    else:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-broker-")))
+        base = stack.enter_context(Infra(tmp))
+    db = create_database(base.database_url, f"bench_broker_{uuid.uuid4().hex[:8]}")
+    return Endpoints(nats_url=base.nats_url, database_url=db, redis_url=base.redis_url)
+
+
+def _env(ep: Endpoints) -> tuple[dict[str, str], str]:
+    durable = f"broker-bench-{uuid.uuid4().hex[:6]}"
+    env = {
+        **ep.env(),
+        "PAPERTRADE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "LOG_LEVEL": "WARNING",
+        "BROKER_LEDGER_DURABLE": durable,
+        "RISK_DURABLE": f"risk-bench-{uuid.uuid4().hex[:6]}",
+        "ORDERBOOK_LIQUIDITY_ENABLED": "false",
+        "ORDERBOOK_WATCHLIST_POLL_SECONDS": "0.2",
+        "ORDERBOOK_PUBLISH_QUOTES": "false",
+    }
+    return env, durable
+
+
+def _prepare_redis(url: str) -> None:
+    r = redis.Redis.from_url(url)
+    raw = r.get(keys.WATCHLIST)
+    current = orjson.loads(raw) if raw else {"symbols": [], "intervals": ["1m"]}
+    symbols = sorted({*current.get("symbols", []), SYMBOL})
+    r.set(keys.WATCHLIST, orjson.dumps({**current, "symbols": symbols}))
+    r.set(keys.last_trade(SYMBOL), orjson.dumps({"price": PRICE, "t": "2030-01-01T00:00:00Z"}))
+    r.close()
+
+
+def _accounts(url: str, n: int) -> list[dict[str, Any]]:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30) as c:
+        out = []
+        for i in range(n):
+            r = c.post("/admin/accounts", json={"name": f"bench-{i}", "cash": "1000000000"})
+            r.raise_for_status()
+            out.append(r.json())
+        return out
+
+
+def _wait_symbol(orderbook_url: str, timeout: float = 180.0) -> None:
+    """The orderbook opens the symbol's book from the watchlist: wait until it lists it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if SYMBOL in httpx.get(f"{orderbook_url}/v1/symbols", timeout=5).json():
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the orderbook did not open a book for {SYMBOL} within {timeout:g} s")
+
+
+def _headers(acct: dict[str, Any]) -> dict[str, str]:
+    return {
+        "APCA-API-KEY-ID": acct["api_key_id"],
+        "APCA-API-SECRET-KEY": acct["api_secret_key"],
+        "Content-Type": "application/json",
+    }
+
+
+def _order_body(side: str) -> dict[str, Any]:
+    return {
+        "symbol": SYMBOL,
+        "qty": "1",
+        "side": side,
+        "type": "limit",
+        "limit_price": PRICE,
+        "time_in_force": "gtc",
+    }
+
+
+def _pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(p) - 1] if p < 100 else max(values)
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+
+def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -> None:
+    def ms(v: float | None) -> float | None:
+        return None if v is None else round(v * 1000, 3)
+
+    rows: list[dict[str, Any]] = [
+        _row(
+            "single order submit-to-ack p50",
+            ms(f["single_ack_p50"]),
+            "ms",
+            "FastAPI POST floor p50",
+            FLOOR_HTTP_P50_MS,
+        ),
+        _row(
+            "single order submit-to-ack p99",
+            ms(f["single_ack_p99"]),
+            "ms",
+            "FastAPI POST floor p99",
+            FLOOR_HTTP_P99_MS,
+        ),
+        _row("single order submit-to-fill-update p50", ms(f["single_fill_p50"]), "ms", None, None),
+        _row("single order submit-to-fill-update p99", ms(f["single_fill_p99"]), "ms", None, None),
+        _row(
+            f"{clients} clients, {seconds:g} s: orders/s",
+            round(f["load_rps"], 1),
+            "orders/s",
+            "FastAPI POST floor req/s (wrk)",
+            FLOOR_HTTP_RPS,
+        ),
+        _row(f"{clients} clients: submit latency p50", ms(f["load_p50"]), "ms", None, None),
+        _row(f"{clients} clients: submit latency p99", ms(f["load_p99"]), "ms", None, None),
+        _row(f"{clients} clients: errors", f["load_errors"], "count", None, None),
+        _row("fills reported by the book (load accounts)", f["fills_reported"], "count", None, None),
+        _row(
+            "fills persisted in Postgres (load accounts)",
+            f["fills_persisted"],
+            "count",
+            "fills reported",
+            f["fills_reported"],
+        ),
+        _row(
+            "fill-to-commit p50 (report seen -> trade update seen)",
+            ms(f["fill_commit_p50"]),
+            "ms",
+            None,
+            None,
+        ),
+        _row(
+            "fill-to-commit p99 (report seen -> trade update seen)",
+            ms(f["fill_commit_p99"]),
+            "ms",
+            None,
+            None,
+        ),
+        _row("floor: NATS request/reply p50 (this run)", ms(f["floor_rr_p50"]), "ms", "FLOORS.md", 0.37),
+        _row("floor: Postgres one-row commit p50 (this run)", ms(f["floor_pg_p50"]), "ms", "FLOORS.md", 0.54),
+    ]
+    table = Table(title="broker: HTTP submit -> risk -> orderbook -> execution -> Postgres -> trade update")
+    for col in ("figure", "value", "unit", "compare", "ratio"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["figure"], str(r["value"]), r["unit"], str(r["compare"] or ""), str(r["ratio"] or ""))
+    console.print(table)
+    console.print(
+        "CPU % during the load (100 = one core of 2): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in f["load_cpu"].items())
+    )
+    rows.append(
+        _row(
+            "machine load average (1 min) at the end of the load",
+            round(f["loadavg"], 2),
+            "runnable",
+            None,
+            None,
+        )
+    )
+    for name, value in f["load_cpu"].items():
+        rows.append(_row(f"CPU during load: {name}", round(value, 1), "% of a core", None, None))
+    if f["load_error_samples"]:
+        console.print("error samples:", f["load_error_samples"])
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
+    console.print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+def _row(figure: str, value: Any, unit: str, compare_name: str | None, compare_value: Any) -> dict[str, Any]:
+    ratio = None
+    if isinstance(value, (int, float)) and isinstance(compare_value, (int, float)) and compare_value:
+        ratio = round(value / compare_value, 3)
+    compare = f"{compare_name}: {compare_value}" if compare_name else None
+    return {"figure": figure, "value": value, "unit": unit, "compare": compare, "ratio": ratio}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,594 @@
+"""The ledger consumer: execution reports from JetStream (EX_EXEC) into Postgres, then trade updates.
+
+A durable pull consumer fetches reports in batches; one batch is applied in one transaction (orders
+locked, executions inserted with their unique id, positions, cash and fees), and every message of the
+batch is acked only after the commit. A redelivered report finds its execution row (fills) or its
+order already past that state (everything else) and changes nothing. Reports of accounts the broker
+does not keep (the liquidity agent's) are acked and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import structlog
+import uvloop
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.errors import FetchTimeoutError
+from prometheus_client import Counter, Histogram
+from sqlalchemy import bindparam, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from papertrade import codec
+from papertrade.bus import subjects
+from papertrade.bus.connect import connect_nats
+from papertrade.bus.streams import exec_consumer
+from papertrade.enums import ExecType, OrderStatus, Side
+from papertrade.errors import ValidationError
+from papertrade.ledger import CommissionModel, PositionState, apply_fill, cash_delta
+from papertrade.messages import ExecReport, TradeUpdate
+from papertrade.money import ZERO
+from papertrade.timeutil import utcnow
+from papertrade_broker.settings import BrokerSettings
+from papertrade_broker.tables import accounts, executions, orders, positions
+from papertrade_broker.views import order_view
+
+_log = structlog.get_logger("papertrade_broker.ledger")
+
+DURABLE = "broker-ledger"
+BATCH = 256
+#: How long the second fetch of a batch waits when nothing more is there (seconds).
+DRAIN_WAIT = 0.005
+
+REPORTS = Counter("papertrade_broker_exec_reports_total", "Execution reports consumed", ["exec", "outcome"])
+BATCH_SECONDS = Histogram(
+    "papertrade_broker_ledger_batch_seconds",
+    "Time to apply and commit one batch of execution reports",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+FILL_TO_COMMIT = Histogram(
+    "papertrade_broker_fill_to_commit_seconds",
+    "From a fill report's time to its ledger commit",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
+
+_EVENT_OF = {
+    ExecType.ACCEPTED: "new",
+    ExecType.CANCELED: "canceled",
+    ExecType.EXPIRED: "expired",
+    ExecType.REJECTED: "rejected",
+    ExecType.REPLACED: "replaced",
+}
+
+
+@dataclass
+class _Batch:
+    """The state one batch works on: locked orders, positions, account deltas, rows to write."""
+
+    orders: dict[UUID, dict[str, Any]]
+    positions: dict[tuple[UUID, str], PositionState] = field(default_factory=dict)
+    seen_execs: set[tuple[str, UUID]] = field(default_factory=set)
+    new_execs: list[dict[str, Any]] = field(default_factory=list)
+    dirty_orders: set[UUID] = field(default_factory=set)
+    dirty_positions: set[tuple[UUID, str]] = field(default_factory=set)
+    cash: dict[UUID, Decimal] = field(default_factory=dict)
+    fees: dict[UUID, Decimal] = field(default_factory=dict)
+    realized: dict[UUID, Decimal] = field(default_factory=dict)
+    updates: list[tuple[UUID, TradeUpdate]] = field(default_factory=list)
+    fill_times: list[float] = field(default_factory=list)
+    unreplace: set[UUID] = field(default_factory=set)
+
+
+class LedgerConsumer:
+    """Books execution reports. `run()` owns its NATS connection and Postgres pool, so it can run on
+    its own thread and event loop (`LedgerThread`), apart from the HTTP handlers."""
+
+    def __init__(self, settings: BrokerSettings, durable: str = DURABLE) -> None:
+        self.settings = settings
+        self.durable = durable
+        self.applied = 0
+        self.ready = False
+        self.stopping = threading.Event()
+        self.engine: AsyncEngine | None = None
+        self._nc: NATS | None = None
+        self._commissions: dict[UUID, CommissionModel] = {}
+
+    async def run(self) -> None:
+        """Consume until `stopping` is set; reconnects and resubscribes on its own."""
+        self.engine = create_async_engine(
+            self.settings.database_url, pool_size=2, max_overflow=2, pool_pre_ping=True, pool_recycle=1800
+        )
+        try:
+            while not self.stopping.is_set():
+                try:
+                    await self._consume()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    _log.warning("ledger consumer restarting", error=repr(exc))
+                    await asyncio.sleep(0.5)
+        finally:
+            self.ready = False
+            if self._nc is not None:
+                with contextlib.suppress(Exception):
+                    await self._nc.close()
+            await self.engine.dispose()
+
+    async def _consume(self) -> None:
+        if self._nc is None or self._nc.is_closed:
+            self._nc = await connect_nats(self.settings.nats_url, "broker-ledger")
+        sub = await exec_consumer(self._nc.jetstream(), self.durable)
+        self.ready = True
+        try:
+            while not self.stopping.is_set():
+                # Wait for one report, then take what else is already there. (One `fetch(BATCH)` would
+                # linger until the batch is full or its timeout passes: idle-to-busy reports would wait.)
+                try:
+                    msgs = await sub.fetch(1, timeout=0.5)
+                except (FetchTimeoutError, TimeoutError):
+                    continue
+                with contextlib.suppress(FetchTimeoutError, TimeoutError):
+                    msgs += await sub.fetch(BATCH - 1, timeout=DRAIN_WAIT)
+                await self.handle(msgs)
+        finally:
+            self.ready = False
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def handle(self, msgs: Sequence[Msg]) -> None:
+        """Apply a batch in one transaction, then ack; on a failure, retry message by message."""
+        reports: list[tuple[Msg, ExecReport | None]] = []
+        for msg in msgs:
+            try:
+                reports.append((msg, codec.decode(msg.data, ExecReport)))
+            except ValidationError as exc:
+                _log.error("unreadable execution report skipped", subject=msg.subject, error=str(exc))
+                REPORTS.labels("unknown", "unreadable").inc()
+                reports.append((msg, None))
+        valid = [r for _, r in reports if r is not None]
+        try:
+            batch = await self._apply(valid)
+        except Exception as exc:
+            _log.warning("batch failed, applying one by one", error=repr(exc), size=len(valid))
+            for msg, report in reports:
+                if report is not None:
+                    try:
+                        one = await self._apply([report])
+                    except Exception as exc2:
+                        _log.error("execution report failed; it will be redelivered", error=repr(exc2))
+                        await msg.nak(delay=1.0)
+                        continue
+                    await self._after_commit(one)
+                await msg.ack()
+            return
+        await self._after_commit(batch)
+        for msg, _ in reports:
+            await msg.ack()
+
+    async def _after_commit(self, batch: _Batch) -> None:
+        now = time.time()
+        for t in batch.fill_times:
+            FILL_TO_COMMIT.observe(max(now - t, 0.0))
+        nc = self._nc
+        assert nc is not None
+        for account_id, upd in batch.updates:
+            await nc.publish(subjects.broker_event(account_id), codec.encode(upd))
+
+    async def _apply(self, reports: Sequence[ExecReport]) -> _Batch:
+        start = time.perf_counter()
+        ids = {r.order_id for r in reports} | {r.new_order_id for r in reports if r.new_order_id}
+        assert self.engine is not None
+        async with self.engine.begin() as conn:
+            rows = (
+                (
+                    await conn.execute(
+                        select(orders)
+                        .where(orders.c.id.in_(list(ids)))
+                        .order_by(orders.c.id)
+                        .with_for_update()
+                    )
+                )
+                .mappings()
+                .all()
+            )
+            batch = _Batch(orders={r["id"]: dict(r) for r in rows})
+            more = (
+                {
+                    batch.orders[r.order_id]["replaced_by"]
+                    for r in reports
+                    if r.exec is ExecType.REJECTED and r.command == "replace" and r.order_id in batch.orders
+                }
+                - {None}
+                - set(batch.orders)
+            )
+            if more:
+                extra = (
+                    (
+                        await conn.execute(
+                            select(orders)
+                            .where(orders.c.id.in_(sorted(more)))
+                            .order_by(orders.c.id)
+                            .with_for_update()
+                        )
+                    )
+                    .mappings()
+                    .all()
+                )
+                batch.orders.update({r["id"]: dict(r) for r in extra})
+            fills = [
+                r for r in reports if r.exec is ExecType.FILL and r.order_id in batch.orders and r.exec_id
+            ]
+            if fills:
+                await self._load_fill_state(conn, batch, fills)
+            for report in reports:
+                order = batch.orders.get(report.order_id)
+                if order is None:
+                    REPORTS.labels(report.exec.value, "skipped").inc()
+                    continue
+                await self._apply_one(batch, report, order)
+            await self._write(conn, batch)
+        BATCH_SECONDS.observe(time.perf_counter() - start)
+        self.applied += len(reports)
+        return batch
+
+    async def _load_fill_state(
+        self, conn: AsyncConnection, batch: _Batch, fills: Sequence[ExecReport]
+    ) -> None:
+        keys = list({(f.exec_id, f.order_id) for f in fills})
+        existing = (
+            await conn.execute(
+                select(executions.c.exec_id, executions.c.order_id).where(
+                    tuple_(executions.c.exec_id, executions.c.order_id).in_(keys)
+                )
+            )
+        ).all()
+        batch.seen_execs = {(r.exec_id, r.order_id) for r in existing}
+        pos_keys = list({(batch.orders[f.order_id]["account_id"], f.symbol) for f in fills})
+        prow = (
+            (
+                await conn.execute(
+                    select(positions)
+                    .where(tuple_(positions.c.account_id, positions.c.symbol).in_(pos_keys))
+                    .order_by(positions.c.account_id, positions.c.symbol)
+                    .with_for_update()
+                )
+            )
+            .mappings()
+            .all()
+        )
+        batch.positions = {
+            (r["account_id"], r["symbol"]): PositionState(r["qty"], r["cost"], r["realized_pl"]) for r in prow
+        }
+
+    async def _apply_one(self, batch: _Batch, report: ExecReport, order: dict[str, Any]) -> None:
+        status = OrderStatus(order["status"])
+        now = utcnow()
+        kind = report.exec
+        if kind is ExecType.FILL:
+            await self._apply_fill(batch, report, order, now)
+            return
+        if kind is ExecType.ACCEPTED:
+            if status not in (OrderStatus.PENDING_NEW, OrderStatus.ACCEPTED):
+                REPORTS.labels(kind.value, "stale").inc()
+                return
+            order["status"] = OrderStatus.NEW.value
+        elif kind in (ExecType.CANCELED, ExecType.EXPIRED):
+            if status.is_final:
+                REPORTS.labels(kind.value, "stale").inc()
+                return
+            final = OrderStatus.CANCELED if kind is ExecType.CANCELED else OrderStatus.EXPIRED
+            order["status"] = final.value
+            order["canceled_at" if final is OrderStatus.CANCELED else "expired_at"] = report.t
+            order["reserved"] = ZERO
+            order["reason"] = report.reason or order["reason"]
+            self._clear_replace(batch, order)
+        elif kind is ExecType.REJECTED and report.command == "replace":
+            # The book refused to replace `order_id`: it keeps working; its replacement is rejected.
+            new = batch.orders.get(order["replaced_by"]) if order["replaced_by"] else None
+            order["replaced_by"] = None
+            batch.dirty_orders.add(order["id"])
+            if new is None or OrderStatus(new["status"]).is_final:
+                REPORTS.labels(kind.value, "stale").inc()
+                return
+            new["status"] = OrderStatus.REJECTED.value
+            new["failed_at"] = report.t
+            new["reserved"] = ZERO
+            new["reason"] = report.reason
+            new["updated_at"] = now
+            batch.dirty_orders.add(new["id"])
+            REPORTS.labels(kind.value, "applied").inc()
+            batch.updates.append(
+                (new["account_id"], TradeUpdate(event="rejected", order=order_view(new), timestamp=report.t))
+            )
+            return
+        elif kind is ExecType.REJECTED and report.command == "cancel":
+            if status is not OrderStatus.PENDING_CANCEL:
+                REPORTS.labels(kind.value, "stale").inc()
+                return
+            order["status"] = (
+                OrderStatus.PARTIALLY_FILLED.value if order["filled_qty"] > 0 else OrderStatus.NEW.value
+            )
+            order["updated_at"] = now
+            batch.dirty_orders.add(order["id"])
+            REPORTS.labels(kind.value, "applied").inc()
+            return
+        elif kind is ExecType.REJECTED:
+            if status in (OrderStatus.PENDING_NEW, OrderStatus.ACCEPTED):
+                order["status"] = OrderStatus.REJECTED.value
+                order["failed_at"] = report.t
+                order["reserved"] = ZERO
+                order["reason"] = report.reason
+                self._clear_replace(batch, order)
+            elif status is OrderStatus.PENDING_CANCEL:
+                # The book refused the cancel: the order keeps working.
+                order["status"] = (
+                    OrderStatus.PARTIALLY_FILLED.value if order["filled_qty"] > 0 else OrderStatus.NEW.value
+                )
+                order["reason"] = report.reason
+            else:
+                REPORTS.labels(kind.value, "stale").inc()
+                return
+        elif kind is ExecType.REPLACED:
+            if status.is_final:
+                REPORTS.labels(kind.value, "stale").inc()
+                return
+            order["status"] = OrderStatus.REPLACED.value
+            order["replaced_at"] = report.t
+            order["replaced_by"] = report.new_order_id
+            order["reserved"] = ZERO
+            new = batch.orders.get(report.new_order_id) if report.new_order_id else None
+            if new is not None:
+                # Fills of the old order since the PATCH count toward the new order's total.
+                new["filled_qty"] = order["filled_qty"]
+                new["filled_notional"] = order["filled_notional"]
+                new["fees"] = order["fees"]
+                new["reserved"] = max((new["qty"] or ZERO) - new["filled_qty"], ZERO) * new["reserve_price"]
+                batch.dirty_orders.add(new["id"])
+            if new is not None and OrderStatus(new["status"]) in (
+                OrderStatus.PENDING_NEW,
+                OrderStatus.ACCEPTED,
+            ):
+                new["status"] = (
+                    OrderStatus.PARTIALLY_FILLED.value if new["filled_qty"] > 0 else OrderStatus.NEW.value
+                )
+                new["updated_at"] = now
+                batch.dirty_orders.add(new["id"])
+        elif kind is ExecType.TRIGGERED:
+            REPORTS.labels(kind.value, "applied").inc()
+            return
+        else:
+            return
+        order["updated_at"] = now
+        batch.dirty_orders.add(order["id"])
+        REPORTS.labels(kind.value, "applied").inc()
+        batch.updates.append(
+            (
+                order["account_id"],
+                TradeUpdate(event=_EVENT_OF[kind], order=order_view(order), timestamp=report.t),
+            )
+        )
+
+    async def _apply_fill(self, batch: _Batch, report: ExecReport, order: dict[str, Any], now: Any) -> None:
+        assert report.exec_id is not None
+        key = (report.exec_id, report.order_id)
+        if key in batch.seen_execs or report.qty is None or report.price is None or report.qty <= 0:
+            REPORTS.labels("fill", "duplicate").inc()
+            return
+        batch.seen_execs.add(key)
+        account_id: UUID = order["account_id"]
+        side = Side(order["side"])
+        qty, price = report.qty, report.price
+        commission = await self._commission(account_id)
+        fee = commission.fill_fee(
+            side,
+            qty,
+            price,
+            prior_qty=order["filled_qty"],
+            prior_notional=order["filled_notional"],
+            prior_fee=order["fees"],
+        )
+        pkey = (account_id, order["symbol"])
+        pos, realized = apply_fill(batch.positions.get(pkey, PositionState()), side, qty, price)
+        batch.positions[pkey] = pos
+        batch.dirty_positions.add(pkey)
+        batch.cash[account_id] = batch.cash.get(account_id, ZERO) + cash_delta(side, qty, price, fee)
+        batch.fees[account_id] = batch.fees.get(account_id, ZERO) + fee
+        batch.realized[account_id] = batch.realized.get(account_id, ZERO) + realized
+
+        order["filled_qty"] += qty
+        order["filled_notional"] += qty * price
+        order["fees"] += fee
+        leaves = report.leaves_qty
+        if order["qty"] is not None:
+            remaining = max(order["qty"] - order["filled_qty"], ZERO)
+            done = remaining == 0 or leaves == 0
+            order["reserved"] = ZERO if done else remaining * order["reserve_price"]
+        else:
+            done = leaves == 0
+            spent = order["filled_notional"]
+            order["reserved"] = ZERO if done or side is Side.SELL else max(order["notional"] - spent, ZERO)
+        status = OrderStatus(order["status"])
+        if done:
+            order["status"] = OrderStatus.FILLED.value
+            order["filled_at"] = report.t
+            order["reserved"] = ZERO
+        elif status is not OrderStatus.PENDING_CANCEL:
+            order["status"] = OrderStatus.PARTIALLY_FILLED.value
+        order["updated_at"] = now
+        batch.dirty_orders.add(order["id"])
+        batch.new_execs.append(
+            {
+                "exec_id": report.exec_id,
+                "order_id": report.order_id,
+                "account_id": account_id,
+                "symbol": order["symbol"],
+                "side": side.value,
+                "qty": qty,
+                "price": price,
+                "fee": fee,
+                "liquidity": report.liquidity.value if report.liquidity else None,
+                "cum_qty": order["filled_qty"],
+                "leaves_qty": leaves
+                if leaves is not None
+                else max((order["qty"] or ZERO) - order["filled_qty"], ZERO),
+                "t": report.t,
+                "recorded_at": now,
+            }
+        )
+        batch.fill_times.append(report.t.timestamp())
+        REPORTS.labels("fill", "applied").inc()
+        batch.updates.append(
+            (
+                account_id,
+                TradeUpdate(
+                    event="fill" if done else "partial_fill",
+                    order=order_view(order),
+                    timestamp=report.t,
+                    price=price,
+                    qty=qty,
+                    execution_id=report.exec_id,
+                    position_qty=pos.qty,
+                ),
+            )
+        )
+
+    async def _commission(self, account_id: UUID) -> CommissionModel:
+        model = self._commissions.get(account_id)
+        if model is None:
+            assert self.engine is not None
+            async with self.engine.connect() as conn:
+                raw = (
+                    await conn.execute(select(accounts.c.commission).where(accounts.c.id == account_id))
+                ).scalar()
+            model = CommissionModel.parse(raw)
+            self._commissions[account_id] = model
+        return model
+
+    def _clear_replace(self, batch: _Batch, order: dict[str, Any]) -> None:
+        """A replacement that died releases the order it was to replace."""
+        old_id = order.get("replaces")
+        if old_id is None:
+            return
+        batch.unreplace.add(old_id)
+        old = batch.orders.get(old_id)
+        if old is not None and old["replaced_by"] == order["id"]:
+            old["replaced_by"] = None
+
+    async def _write(self, conn: AsyncConnection, batch: _Batch) -> None:
+        if batch.new_execs:
+            await conn.execute(pg_insert(executions).on_conflict_do_nothing(), batch.new_execs)
+        if batch.dirty_positions:
+            now = utcnow()
+            rows = [
+                {
+                    "account_id": k[0],
+                    "symbol": k[1],
+                    "qty": batch.positions[k].qty,
+                    "cost": batch.positions[k].cost,
+                    "realized_pl": batch.positions[k].realized_pl,
+                    "updated_at": now,
+                }
+                for k in sorted(batch.dirty_positions)
+            ]
+            stmt = pg_insert(positions)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[positions.c.account_id, positions.c.symbol],
+                set_={
+                    "qty": stmt.excluded.qty,
+                    "cost": stmt.excluded.cost,
+                    "realized_pl": stmt.excluded.realized_pl,
+                    "updated_at": stmt.excluded.updated_at,
+                },
+            )
+            await conn.execute(stmt, rows)
+        if batch.dirty_orders:
+            cols = (
+                "status",
+                "filled_qty",
+                "filled_notional",
+                "fees",
+                "reserved",
+                "updated_at",
+                "filled_at",
+                "canceled_at",
+                "expired_at",
+                "failed_at",
+                "replaced_at",
+                "replaced_by",
+                "reason",
+            )
+            stmt_o = (
+                update(orders)
+                .where(orders.c.id == bindparam("_id"))
+                .values({c: bindparam(f"_{c}") for c in cols})
+            )
+            params = [
+                {"_id": oid, **{f"_{c}": batch.orders[oid][c] for c in cols}}
+                for oid in sorted(batch.dirty_orders)
+            ]
+            await conn.execute(stmt_o, params)
+        if batch.unreplace:
+            await conn.execute(
+                update(orders)
+                .where(
+                    orders.c.id.in_(sorted(batch.unreplace)), orders.c.status != OrderStatus.REPLACED.value
+                )
+                .values(replaced_by=None)
+            )
+        account_ids = sorted(set(batch.cash) | set(batch.fees))
+        if account_ids:
+            stmt_a = (
+                update(accounts)
+                .where(accounts.c.id == bindparam("_id"))
+                .values(
+                    cash=accounts.c.cash + bindparam("_cash"),
+                    fees=accounts.c.fees + bindparam("_fees"),
+                    realized_pl=accounts.c.realized_pl + bindparam("_realized"),
+                )
+            )
+            await conn.execute(
+                stmt_a,
+                [
+                    {
+                        "_id": a,
+                        "_cash": batch.cash.get(a, ZERO),
+                        "_fees": batch.fees.get(a, ZERO),
+                        "_realized": batch.realized.get(a, ZERO),
+                    }
+                    for a in account_ids
+                ],
+            )
+
+
+class LedgerThread:
+    """The ledger consumer on its own thread and event loop: fills are booked while the HTTP loop is busy."""
+
+    def __init__(self, consumer: LedgerConsumer) -> None:
+        self.consumer = consumer
+        self._thread = threading.Thread(target=self._main, name="broker-ledger", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.consumer.stopping.set()
+        self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _main(self) -> None:
+        try:
+            uvloop.run(self.consumer.run())
+        except Exception as exc:  # never silent
+            _log.error("ledger thread crashed", error=repr(exc), exc_info=exc)

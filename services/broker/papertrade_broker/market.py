@@ -1,0 +1,131 @@
+"""What the broker reads from Redis: the tradable symbols, latest prices and the streamer's clock."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from papertrade import keys
+from papertrade.enums import Interval
+from papertrade.money import to_decimal
+from papertrade.timeutil import iso, parse_time, utcnow
+
+#: How long the watchlist is cached in-process (it changes rarely; a new symbol is visible after this).
+WATCHLIST_TTL = 1.0
+#: How long the streamer's clock is cached for the `t` of risk checks (a Redis read per order otherwise).
+CLOCK_TTL = 0.1
+
+
+class Market:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._watchlist: frozenset[str] = frozenset()
+        self._watchlist_at = -1e9
+        self._sim_time: datetime | None = None
+        self._sim_time_at = -1e9
+
+    async def symbols(self) -> frozenset[str]:
+        """The tradable symbols: the streamer's watchlist (`papertrade.keys.WATCHLIST`)."""
+        now = time.monotonic()
+        if now - self._watchlist_at > WATCHLIST_TTL:
+            raw = await self.redis.get(keys.WATCHLIST)
+            symbols: frozenset[str] = frozenset()
+            if raw:
+                try:
+                    data = orjson.loads(raw)
+                    symbols = frozenset(str(s).upper() for s in data.get("symbols", []))
+                except (orjson.JSONDecodeError, AttributeError, TypeError):
+                    symbols = frozenset()
+            self._watchlist = symbols
+            self._watchlist_at = now
+        return self._watchlist
+
+    def forget_symbols(self) -> None:
+        self._watchlist_at = -1e9
+
+    async def prices(self, symbols: Iterable[str]) -> dict[str, Decimal]:
+        """The latest price per symbol: the book's last trade when fresher than the latest 1m bar."""
+        syms = list(dict.fromkeys(symbols))
+        if not syms:
+            return {}
+        names: list[str] = []
+        for s in syms:
+            names.append(keys.last_trade(s))
+            names.append(keys.latest_bar(Interval.M1, s))
+        values = await self.redis.mget(names)
+        out: dict[str, Decimal] = {}
+        for i, s in enumerate(syms):
+            price = _pick(values[2 * i], values[2 * i + 1])
+            if price is not None:
+                out[s] = price
+        return out
+
+    async def price(self, symbol: str) -> Decimal | None:
+        return (await self.prices([symbol])).get(symbol)
+
+    async def sim_time(self) -> datetime | None:
+        """The streamer's simulation time (`papertrade.keys.CLOCK`), cached `CLOCK_TTL`; None without one."""
+        now = time.monotonic()
+        if now - self._sim_time_at > CLOCK_TTL:
+            t: datetime | None = None
+            try:
+                raw = await self.redis.get(keys.CLOCK)
+                if raw:
+                    t = parse_time(orjson.loads(raw)["timestamp"])
+            except Exception:  # unreadable or Redis down: the caller falls back to the wall clock
+                t = None
+            self._sim_time = t
+            self._sim_time_at = now
+        return self._sim_time
+
+    async def clock(self) -> dict[str, Any]:
+        """Alpaca's clock: the streamer's (`papertrade.keys.CLOCK`), else the wall clock and NYSE calendar."""
+        raw = await self.redis.get(keys.CLOCK)
+        if raw:
+            try:
+                data = orjson.loads(raw)
+                return {
+                    "timestamp": iso(parse_time(data["timestamp"])),
+                    "is_open": bool(data["is_open"]),
+                    "next_open": iso(parse_time(data["next_open"])),
+                    "next_close": iso(parse_time(data["next_close"])),
+                }
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                pass
+        from papertrade import calendar  # pandas + exchange_calendars: only when the streamer is not running
+
+        now = utcnow()
+        return {
+            "timestamp": iso(now),
+            "is_open": calendar.is_open(now),
+            "next_open": iso(calendar.next_open(now)),
+            "next_close": iso(calendar.next_close(now)),
+        }
+
+
+def _pick(last_raw: bytes | str | None, bar_raw: bytes | str | None) -> Decimal | None:
+    last = _parse(last_raw, "price", "t")
+    bar = _parse(bar_raw, "c", "t")
+    if last is None:
+        return bar[0] if bar is not None else None
+    if bar is None:
+        return last[0]
+    return last[0] if last[1] >= bar[1] else bar[0]
+
+
+def _parse(raw: bytes | str | None, price_key: str, time_key: str) -> tuple[Decimal, datetime] | None:
+    if not raw:
+        return None
+    try:
+        data = orjson.loads(raw)
+        price = to_decimal(data[price_key], price_key, positive=True)
+        t = parse_time(data.get(time_key) or "1970-01-01T00:00:00Z")
+        return price, t
+    except Exception:
+        return None

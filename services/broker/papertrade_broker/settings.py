@@ -1,0 +1,22 @@
+"""Settings of the broker service (env vars; see papertrade.settings for the common ones)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from papertrade.settings import ServiceSettings
+
+
+class BrokerSettings(ServiceSettings):
+    service_name: ClassVar[str] = "broker"
+
+    #: Seconds to wait for risk's answer before refusing the order (`BROKER_RISK_TIMEOUT`).
+    risk_timeout: float = Field(2.0, validation_alias="BROKER_RISK_TIMEOUT")
+    #: The durable JetStream consumer of execution reports (`BROKER_LEDGER_DURABLE`).
+    ledger_durable: str = Field("broker-ledger", validation_alias="BROKER_LEDGER_DURABLE")
+    #: Postgres connections the broker keeps (and as many again on a burst) (`BROKER_DB_POOL_SIZE`).
+    db_pool_size: int = Field(30, validation_alias="BROKER_DB_POOL_SIZE", ge=1, le=200)
+    #: Run Alembic migrations at start-up (`BROKER_MIGRATE`).
+    migrate: bool = Field(True, validation_alias="BROKER_MIGRATE")

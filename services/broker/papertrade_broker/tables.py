@@ -1,0 +1,133 @@
+"""The broker's Postgres tables (SQLAlchemy Core). Money and quantities are NUMERIC, times timestamptz."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+metadata = MetaData()
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("account_number", String(32), nullable=False, unique=True),
+    Column("cash", Numeric, nullable=False),
+    Column("starting_cash", Numeric, nullable=False),
+    Column("fees", Numeric, nullable=False, server_default=text("0")),
+    Column("realized_pl", Numeric, nullable=False, server_default=text("0")),
+    Column("shorting_enabled", Boolean, nullable=False, server_default=text("true")),
+    Column("commission", JSONB, nullable=True),
+    Column("self_trade_prevention", String(16), nullable=False, server_default=text("'none'")),
+    Column("status", String(16), nullable=False, server_default=text("'ACTIVE'")),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key_id", String(64), primary_key=True),
+    Column("account_id", UUID(as_uuid=True), ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    Column("salt", LargeBinary, nullable=False),
+    Column("secret_hash", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_api_keys_account", "account_id"),
+)
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column(
+        "seq", BigInteger, autoincrement=True, nullable=False, server_default=text("nextval('orders_seq')")
+    ),
+    Column("account_id", UUID(as_uuid=True), ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    Column("client_order_id", String(128), nullable=False),
+    Column("symbol", String(32), nullable=False),
+    Column("side", String(8), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("time_in_force", String(8), nullable=False),
+    Column("qty", Numeric, nullable=True),
+    Column("notional", Numeric, nullable=True),
+    Column("limit_price", Numeric, nullable=True),
+    Column("stop_price", Numeric, nullable=True),
+    Column("all_or_none", Boolean, nullable=False, server_default=text("false")),
+    Column("extended_hours", Boolean, nullable=False, server_default=text("false")),
+    Column("status", String(20), nullable=False),
+    Column("filled_qty", Numeric, nullable=False, server_default=text("0")),
+    Column("filled_notional", Numeric, nullable=False, server_default=text("0")),
+    Column("fees", Numeric, nullable=False, server_default=text("0")),
+    #: buying power held per unit of the unfilled quantity, and what it holds now
+    Column("reserve_price", Numeric, nullable=False, server_default=text("0")),
+    Column("reserved", Numeric, nullable=False, server_default=text("0")),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("submitted_at", DateTime(timezone=True), nullable=False),
+    Column("filled_at", DateTime(timezone=True), nullable=True),
+    Column("canceled_at", DateTime(timezone=True), nullable=True),
+    Column("expired_at", DateTime(timezone=True), nullable=True),
+    Column("failed_at", DateTime(timezone=True), nullable=True),
+    Column("replaced_at", DateTime(timezone=True), nullable=True),
+    Column("replaced_by", UUID(as_uuid=True), nullable=True),
+    Column("replaces", UUID(as_uuid=True), nullable=True),
+    Column("reason", Text, nullable=True),
+    UniqueConstraint("account_id", "client_order_id", name="uq_orders_account_client_order_id"),
+    Index("ix_orders_account_seq", "account_id", "seq"),
+    Index(
+        "ix_orders_open",
+        "account_id",
+        "symbol",
+        postgresql_where=text(
+            "status IN ('new','accepted','pending_new','partially_filled','pending_cancel')"
+        ),
+    ),
+)
+
+executions = Table(
+    "executions",
+    metadata,
+    Column("exec_id", String(128), primary_key=True),
+    Column("order_id", UUID(as_uuid=True), primary_key=True),
+    Column("account_id", UUID(as_uuid=True), nullable=False),
+    Column("symbol", String(32), nullable=False),
+    Column("side", String(8), nullable=False),
+    Column("qty", Numeric, nullable=False),
+    Column("price", Numeric, nullable=False),
+    Column("fee", Numeric, nullable=False),
+    Column("liquidity", String(8), nullable=True),
+    Column("cum_qty", Numeric, nullable=False),
+    Column("leaves_qty", Numeric, nullable=False),
+    Column("t", DateTime(timezone=True), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("seq", BigInteger, nullable=False, server_default=text("nextval('executions_seq')")),
+    Index("ix_executions_account_seq", "account_id", "seq"),
+)
+
+positions = Table(
+    "positions",
+    metadata,
+    Column("account_id", UUID(as_uuid=True), primary_key=True),
+    Column("symbol", String(32), primary_key=True),
+    Column("qty", Numeric, nullable=False),
+    Column("cost", Numeric, nullable=False),
+    Column("realized_pl", Numeric, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+__all__ = ["accounts", "api_keys", "executions", "metadata", "orders", "positions"]
