@@ -14,9 +14,11 @@
 - Also: the same ops as `NewOrderCmd`/`CancelCmd` through `OrderBook.apply` (decimal validation and
   conversion of every event into `ExecReport`s): the cost of the whole pure path the service runs.
 - Every book must end in the workload's `final_depth`. Runs alternate baseline / engines; each
-  figure is the best of `--runs` (the run least disturbed by other load on the machine).
-- GC: Python's default collector settings, the same for both engines (the generated workload is
-  `gc.freeze()`d first so that neither pays for scanning it).
+  figure is the median of `--runs`, and each ratio the median of the per-run ratios (engine and
+  baseline measured back to back in the same run, so both saw about the same machine load).
+- GC: Python's default collector settings, the same for both engines (the generated workload, and
+  its 100-op chunks for the engines, are built first and `gc.freeze()`d so that neither book pays
+  for scanning them: unfrozen, the 2,000 chunk lists cost the engines ~10% in their first GC passes).
 - Each run is timed by the wall clock and by the process CPU time: on a shared, busy machine the CPU
   time is the steadier figure (other processes' load shows up as wall time only).
 - RSS: a subprocess per engine rests 1,000,000 orders (passive, 2,000 price levels per side) and
@@ -38,6 +40,7 @@ import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from statistics import median
 from typing import Any
 from uuid import UUID
 
@@ -57,6 +60,8 @@ from papertrade.enums import OrderType, Side, TimeInForce  # noqa: E402
 from papertrade.messages import CancelCmd, NewOrderCmd  # noqa: E402
 
 Op = tuple[Any, ...]
+#: the engines' consumer drains the events every this many ops
+DRAIN_EVERY = 100
 #: the engines measured: the same source, compiled with mypyc (when built) and pure Python
 ENGINES: dict[str, Any] = {}
 if native_book() is not None:
@@ -78,31 +83,34 @@ def main() -> None:
 
     ops, final = generate(args.n, 42)
     ticks = [(o[0], o[1], o[2], round(o[3] * 100), o[4]) if o[0] == "L" else o for o in ops]
+    chunks = [ticks[i : i + DRAIN_EVERY] for i in range(0, len(ticks), DRAIN_EVERY)]
     commands = _commands(ops)
     gc.collect()
     gc.freeze()  # the workload itself is not what the collectors should be scanning
     if "compiled" not in ENGINES:
         print("the compiled engine is not built (python -m papertrade.book.build): pure-Python only")
 
-    runs = _runs(ticks, final, args.runs)
+    runs = _runs(ticks, chunks, final, args.runs)
     base = runs.pop("baseline")
-    bw, bc = max(r[0] for r in base), max(r[1] for r in base)
+    bw, bc = median(r[0] for r in base), median(r[1] for r in base)
     rows: list[tuple[str, float, str, str | None, float | None]] = [
         ("baseline book (wall clock)", bw, "ops/s", None, None),
         ("baseline book (process CPU time)", bc, "ops/s", None, None),
     ]
     for name, rates in runs.items():
-        w, c = max(r[0] for r in rates), max(r[1] for r in rates)
-        rows.append((f"{name} engine, events + STP on (wall clock)", w, "ops/s", "baseline", w / bw))
-        rows.append((f"{name} engine, events + STP on (process CPU time)", c, "ops/s", "baseline", c / bc))
+        w, c = median(r[0] for r in rates), median(r[1] for r in rates)
+        rw = median(r[0] / b[0] for r, b in zip(rates, base, strict=True))
+        rc = median(r[1] / b[1] for r, b in zip(rates, base, strict=True))
+        rows.append((f"{name} engine, events + STP on (wall clock)", w, "ops/s", "baseline", rw))
+        rows.append((f"{name} engine, events + STP on (process CPU time)", c, "ops/s", "baseline", rc))
     cmd_rates = [_run_commands(commands, final) for _ in range(max(2, args.runs // 2))]
     rows.append(
         (
             "OrderBook.apply: commands -> ExecReports, decimal path (wall)",
-            max(cmd_rates),
+            median(cmd_rates),
             "ops/s",
             "baseline",
-            max(cmd_rates) / bw,
+            median(cmd_rates) / bw,
         )
     )
     for name in ENGINES:
@@ -112,7 +120,7 @@ def main() -> None:
         )
 
     print(
-        f"\n{len(ticks):,} ops, best of {args.runs} runs; "
+        f"\n{len(ticks):,} ops, median of {args.runs} runs (ratios: median of same-run ratios); "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
     print(f"{'figure':<64} {'value':>12} {'unit':<6} {'ratio':>7}")
@@ -138,13 +146,15 @@ def main() -> None:
 Rates = tuple[float, float]
 
 
-def _runs(ticks: list[Op], final: dict[str, Any], runs: int) -> dict[str, list[Rates]]:
+def _runs(
+    ticks: list[Op], chunks: list[list[Op]], final: dict[str, Any], runs: int
+) -> dict[str, list[Rates]]:
     """Alternate the baseline and each engine, `runs` times; (wall ops/s, CPU ops/s) of each run."""
     out: dict[str, list[Rates]] = {"baseline": [], **{name: [] for name in ENGINES}}
     for i in range(runs):
         out["baseline"].append(_run_baseline(ticks, final))
         for name, cls in ENGINES.items():
-            out[name].append(_run_engine(ticks, final, cls))
+            out[name].append(_run_engine(chunks, final, cls))
         print(
             f"  run {i + 1}: "
             + "   ".join(f"{k} {v[-1][0]:>10,.0f} ops/s (cpu {v[-1][1]:>10,.0f})" for k, v in out.items())
@@ -152,7 +162,7 @@ def _runs(ticks: list[Op], final: dict[str, Any], runs: int) -> dict[str, list[R
     return out
 
 
-def _run_baseline(ops: list[Op], final: dict[str, Any]) -> float:
+def _run_baseline(ops: list[Op], final: dict[str, Any]) -> Rates:
     book = BaselineBook()
     limit, market, cancel = book.limit, book.market, book.cancel
     t0 = time.perf_counter()
@@ -171,14 +181,14 @@ def _run_baseline(ops: list[Op], final: dict[str, Any]) -> float:
     return len(ops) / elapsed, len(ops) / cpu
 
 
-def _run_engine(ops: list[Op], final: dict[str, Any], cls: Any) -> Rates:
+def _run_engine(chunks: list[list[Op]], final: dict[str, Any], cls: Any) -> Rates:
     """One engine, all features on: every order carries an account (its own id, so the final book
     stays comparable with the baseline's) and self-trade prevention `cancel_newest`, checked at every
-    fill; the events are produced and drained every 100 ops, as the service's consumer does."""
+    fill; the events are produced and drained every `DRAIN_EVERY` ops, as the service's consumer does."""
     book = cls()
     limit, market, cancel = book.limit, book.market, book.cancel
     events = book.events
-    chunks = [ops[i : i + 100] for i in range(0, len(ops), 100)]
+    n = sum(len(chunk) for chunk in chunks)
     drained = 0
     t0 = time.perf_counter()
     c0 = time.process_time()
@@ -195,9 +205,9 @@ def _run_engine(ops: list[Op], final: dict[str, Any], cls: Any) -> Rates:
         events.clear()
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - c0
-    assert drained > len(ops), "no events?"
+    assert drained > n, "no events?"
     assert book.depth() == final, "the engine did not end in final_depth"
-    return len(ops) / elapsed, len(ops) / cpu
+    return n / elapsed, n / cpu
 
 
 def _commands(ops: list[Op]) -> list[Any]:
