@@ -18,7 +18,6 @@ from redis.asyncio import Redis
 from papertrade.db import migrate_async
 from papertrade.service import ServiceContext, create_app
 from papertrade_risk.engine import RiskChecker
-from papertrade_risk.resp import RespConnection
 from papertrade_risk.routes import router
 from papertrade_risk.service import RiskService
 from papertrade_risk.settings import RiskSettings
@@ -44,7 +43,7 @@ def build_app(settings: RiskSettings | None = None) -> FastAPI:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
         # Clients of its own: no retries, short timeouts, so a lost Redis fails the check closed at
-        # once instead of after the shared link's retries. Checks use a bare RESP connection.
+        # once instead of after the shared link's retries. Checks use one connection of their own.
         redis = Redis.from_url(
             settings.redis_url,
             decode_responses=False,
@@ -54,9 +53,9 @@ def build_app(settings: RiskSettings | None = None) -> FastAPI:
             max_connections=64,
         )
         ctx.state["risk_redis"] = redis
-        hot = RespConnection(settings.redis_url, settings.redis_timeout)
-        ctx.state["risk_resp"] = hot
-        checker = RiskChecker(LuaBatcher(hot), ctx.links.engine)
+        batcher = LuaBatcher(settings.redis_url, settings.redis_timeout)
+        ctx.state["risk_batcher"] = batcher
+        checker = RiskChecker(batcher, ctx.links.engine)
         svc = RiskService(ctx, checker, redis, settings.durable)
         ctx.state["risk"] = svc
         ctx.spawn(svc.serve(), "risk-check-responder")
@@ -79,9 +78,9 @@ def build_app(settings: RiskSettings | None = None) -> FastAPI:
         redis = ctx.state.get("risk_redis")
         if redis is not None:
             await redis.aclose()
-        hot = ctx.state.get("risk_resp")
-        if hot is not None:
-            hot.close()
+        batcher = ctx.state.get("risk_batcher")
+        if batcher is not None:
+            await batcher.close()
 
     return create_app(
         ctx,

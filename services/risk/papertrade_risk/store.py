@@ -32,9 +32,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import NoScriptError, ResponseError
 
 from papertrade.keys import RISK_PREFIX
-from papertrade_risk.resp import RedisReplyError, RespConnection
 
 Result = Any
 Continuation = Callable[[Result | BaseException], Awaitable[None]]
@@ -173,11 +174,19 @@ def seen_key(symbol: str, seq: int) -> str:
 class LuaBatcher:
     """Queue script items from many concurrent checks; one script call runs a whole batch atomically.
 
-    At most one call is in flight: a lone check pays one round trip, a burst shares one.
+    At most one call is in flight: a lone check pays one round trip, a burst shares one. The calls go
+    over one redis-py connection (hiredis parser) used at the command level: the client's per-call
+    machinery (connection pool, retries, response callbacks, the per-send `wait_for` task of
+    `socket_timeout`) costs more than the script takes in Redis, and this batcher needs exactly one
+    command shape. One `asyncio.timeout` bounds each call (connect included); any error drops the
+    connection (the next call reconnects) and fails the batch, so checks fail closed meanwhile.
     """
 
-    def __init__(self, redis: RespConnection, max_batch: int = 256) -> None:
-        self.redis = redis
+    def __init__(self, url: str, timeout: float = 1.0, max_batch: int = 256) -> None:
+        # no socket timeouts on the connection itself (the call's own deadline covers it), no retries
+        pool = ConnectionPool.from_url(url, socket_connect_timeout=timeout)
+        self.conn: AbstractConnection = pool.make_connection()
+        self.timeout = timeout
         self.max_batch = max_batch
         self._queue: list[tuple[bytes, Continuation]] = []
         self._running = False
@@ -211,6 +220,10 @@ class LuaBatcher:
         self.submit(item, cont)
         return await fut
 
+    async def close(self) -> None:
+        """Drop the connection (a later call would open a new one)."""
+        await self.conn.disconnect()
+
     async def _drain(self) -> None:
         try:
             while self._queue:
@@ -230,25 +243,30 @@ class LuaBatcher:
             self._running = False
 
     async def _eval(self, items: list[bytes]) -> list[Result]:
-        if self._sha is None:
-            self._sha = await self._load_script()
         try:
-            result = await self.redis.call(b"EVALSHA", self._sha, b"0", RISK_PREFIX, *items)
-        except RedisReplyError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-            self._sha = await self._load_script()
-            result = await self.redis.call(b"EVALSHA", self._sha, b"0", RISK_PREFIX, *items)
+            async with asyncio.timeout(self.timeout):
+                if self._sha is None:
+                    self._sha = await self._command(b"SCRIPT", b"LOAD", SCRIPT)
+                try:
+                    result = await self._command(b"EVALSHA", self._sha, b"0", RISK_PREFIX, *items)
+                except NoScriptError:  # Redis restarted or flushed its scripts
+                    self._sha = await self._command(b"SCRIPT", b"LOAD", SCRIPT)
+                    result = await self._command(b"EVALSHA", self._sha, b"0", RISK_PREFIX, *items)
+        except TimeoutError:
+            await self.conn.disconnect(nowait=True)
+            raise TimeoutError(f"Redis did not answer within {self.timeout:g}s") from None
+        except Exception:
+            await self.conn.disconnect(nowait=True)
+            raise
         if not isinstance(result, bytes):
-            raise RedisReplyError(f"unexpected answer from the risk script: {result!r}")
+            raise ResponseError(f"unexpected answer from the risk script: {result!r}")
         decoded: list[Result] = orjson.loads(result)
         return decoded
 
-    async def _load_script(self) -> bytes:
-        sha = await self.redis.call(b"SCRIPT", b"LOAD", SCRIPT)
-        if not isinstance(sha, bytes):
-            raise RedisReplyError(f"SCRIPT LOAD answered {sha!r}")
-        return sha
+    async def _command(self, *args: bytes | str) -> Any:
+        conn = self.conn
+        await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+        return await conn.read_response()
 
 
 async def _safe(cont: Continuation, result: Result | BaseException) -> None:
