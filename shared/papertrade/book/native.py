@@ -68,10 +68,17 @@ def build(quiet: bool = False) -> bool:
             shutil.copy2(lib, HERE / lib.name)
     _load.cache_clear()
     native_book.cache_clear()
-    ok = _load(check_env=False)[0] is not None
+    # a stale build imported by this process stays loaded in it: check the new one in a fresh one
+    ok = _loads_fresh()
     if not quiet:
         print("papertrade.book: compiled engine built" if ok else "papertrade.book: build did not load")
     return ok
+
+
+def _loads_fresh() -> bool:
+    """Whether a new interpreter loads the compiled engine as current."""
+    code = "import sys; from papertrade.book.native import _load; sys.exit(_load(check_env=False)[0] is None)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
 @cache
