@@ -50,6 +50,7 @@ _log = structlog.get_logger("risk")
 
 DECISIONS = Counter("papertrade_risk_decisions_total", "Risk decisions", ["decision", "rule"])
 CONFLICTS = Counter("papertrade_risk_conflicts_total", "Writes that found another state version")
+_DECISION_CHILDREN: dict[tuple[str, str], Any] = {}
 
 #: seconds a mark read from Redis is used before it is re-read (in the background)
 MARK_TTL = 1.0
@@ -453,7 +454,7 @@ class RiskChecker:
     async def _finish(self, job: _Job, decision: RiskDecision) -> None:
         req, reply = job.req, job.reply
         assert req is not None and reply is not None
-        DECISIONS.labels(decision.decision, decision.rule or "").inc()
+        _decision_counter(decision.decision, decision.rule or "").inc()
         self._record(req, decision)
         try:
             await reply(codec.encode(decision))
@@ -521,6 +522,15 @@ class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
             "throttled": d.throttled,
             "replica": self.replica,
         }
+
+
+def _decision_counter(decision: str, rule: str) -> Any:
+    """The labelled child of `DECISIONS` (`labels()` takes a lock and builds a key on every call)."""
+    key = (decision, rule)
+    child = _DECISION_CHILDREN.get(key)
+    if child is None:
+        child = _DECISION_CHILDREN[key] = DECISIONS.labels(decision, rule)
+    return child
 
 
 def _symbols(symbol: str, acct: CachedAccount) -> Iterable[str]:

@@ -26,7 +26,15 @@ from papertrade.messages import CancelCmd, ExecReport, RiskCheckRequest
 from papertrade.risk import reject
 from papertrade.service import ServiceContext
 from papertrade_risk.engine import AuditRecord, RiskChecker
-from papertrade_risk.store import ACCOUNTS, KILL_GLOBAL, KILL_SYNCED, LOG, kill_account_key, log_key
+from papertrade_risk.store import (
+    ACCOUNTS,
+    AUDIT_SCRIPT,
+    KILL_GLOBAL,
+    KILL_SYNCED,
+    LOG,
+    kill_account_key,
+    log_key,
+)
 from papertrade_risk.tables import kill_switches_table
 
 _log = structlog.get_logger("risk")
@@ -38,6 +46,10 @@ FETCH = 256
 LOG_PER_ACCOUNT = 1_000
 LOG_ALL = 10_000
 AUDIT_INTERVAL = 0.1
+#: records per audit script call (a call blocks Redis, and so the checks, while it runs)
+AUDIT_CHUNK = 256
+#: records kept for a later flush while Redis is unreachable (then the oldest are dropped)
+AUDIT_BACKLOG = 100_000
 GLOBAL = "global"
 
 
@@ -53,6 +65,10 @@ class RiskService:
         self.consuming = False
         self.applied = 0
         self._subs: list[Any] = []
+        self._audit_script = redis.register_script(AUDIT_SCRIPT)
+        #: encoded decisions not written yet (oldest first)
+        self._unwritten: list[tuple[str, bytes]] = []
+        self._audit_lock = asyncio.Lock()
 
     # --- risk.check --------------------------------------------------------------------------------
 
@@ -176,24 +192,31 @@ class RiskService:
             await self.flush_audit()
 
     async def flush_audit(self) -> None:
-        per_account = self.checker.take_audit()
-        if not per_account:
-            return
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.lpush(LOG, *(record for _, record in per_account))
-            pipe.ltrim(LOG, 0, LOG_ALL - 1)
-            by_account: dict[str, list[bytes]] = {}
-            for account, record in per_account:
-                by_account.setdefault(account, []).append(record)
-            for account, recs in by_account.items():
-                pipe.lpush(log_key(account), *recs)
-                pipe.ltrim(log_key(account), 0, LOG_PER_ACCOUNT - 1)
-            await pipe.execute()
-        except Exception as exc:
-            _log.warning(
-                "decision audit not written (Redis unreachable)", records=len(per_account), error=repr(exc)
-            )
+        """Write the decisions recorded since the last flush (off the reply path, batched).
+
+        A flush that finds Redis unreachable keeps its records for the next one (bounded by
+        `AUDIT_BACKLOG`); `close()` flushes once more, so a clean shutdown loses none.
+        """
+        async with self._audit_lock:
+            self._unwritten += self.checker.take_audit()
+            while self._unwritten:
+                chunk = self._unwritten[:AUDIT_CHUNK]
+                args: list[str | bytes | int] = [LOG, LOG_ALL, LOG_PER_ACCOUNT, log_key("")]
+                for account, record in chunk:
+                    args += (account, record)
+                try:
+                    await self._audit_script(args=args)
+                except Exception as exc:
+                    dropped = max(0, len(self._unwritten) - AUDIT_BACKLOG)
+                    del self._unwritten[:dropped]
+                    _log.warning(
+                        "decision audit not written yet (Redis unreachable)",
+                        pending=len(self._unwritten),
+                        dropped=dropped,
+                        error=repr(exc),
+                    )
+                    return
+                del self._unwritten[: len(chunk)]
 
     async def decisions(self, account_id: str | None, limit: int) -> list[Any]:
         await self.flush_audit()

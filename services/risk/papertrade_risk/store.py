@@ -14,7 +14,7 @@ Keys (prefix `papertrade.keys.RISK_PREFIX`, `pt:risk:`):
 | `kill:synced` | present once the kill switches were restored from Postgres into this Redis |
 | `seen:<symbol>:<seq>` | an execution report already applied (expires after 3 days) |
 | `accounts` | set of accounts with state |
-| `log` · `log:<account>` | capped lists of recent decisions (JSON, newest first) |
+| `log` · `log:<account>` | capped lists of recent decisions (JSON, newest first; `AUDIT_SCRIPT`) |
 
 The script answers one JSON document per batch (parsing nested RESP arrays in Python is slow).
 Every decision is optimistic: a replica decides with the rules on the state it holds (cached, with
@@ -146,6 +146,23 @@ for i = 2, #ARGV do
   out[i - 1] = res
 end
 return cjson.encode(out)
+"""
+
+
+#: the decision audit: ARGV = all-accounts list, its cap, per-account cap, per-account key prefix, then
+#: (account, record JSON) pairs oldest first. One command per flush instead of two per account.
+AUDIT_SCRIPT = r"""
+local all, cap_all, cap_one, prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local touched = {}
+for i = 5, #ARGV, 2 do
+  local key = prefix .. ARGV[i]
+  redis.call('LPUSH', all, ARGV[i + 1])
+  redis.call('LPUSH', key, ARGV[i + 1])
+  touched[key] = true
+end
+redis.call('LTRIM', all, 0, cap_all - 1)
+for key in pairs(touched) do redis.call('LTRIM', key, 0, cap_one - 1) end
+return (#ARGV - 4) / 2
 """
 
 
