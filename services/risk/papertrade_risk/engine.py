@@ -454,12 +454,13 @@ class RiskChecker:
     async def _finish(self, job: _Job, decision: RiskDecision) -> None:
         req, reply = job.req, job.reply
         assert req is not None and reply is not None
-        _decision_counter(decision.decision, decision.rule or "").inc()
-        self._record(req, decision)
         try:
             await reply(codec.encode(decision))
         except Exception as exc:
             _log.warning("risk reply failed", error=repr(exc))
+        # after the reply: the audit record (written by the service in batches) and the metric
+        self._record(req, decision)
+        _decision_counter(decision.decision, decision.rule or "").inc()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -205,7 +205,7 @@ class RiskService:
                 for account, record in chunk:
                     args += (account, record)
                 try:
-                    await self._audit_script(args=args)
+                    await self._audit_script(args=args, client=self.redis)
                 except Exception as exc:
                     dropped = max(0, len(self._unwritten) - AUDIT_BACKLOG)
                     del self._unwritten[:dropped]
