@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -124,9 +126,13 @@ async def _run(
     console.print(f"single-order latency: {single} sequential orders ...")
     figures |= await _single(url, accounts[0], accounts[1], observer, single)
     console.print(f"load: {clients} clients for {seconds:g} s ...")
-    cpu = _CpuSampler(pids)
-    figures |= await _load(url, accounts[2:], seconds)
+    samplers: list[_CpuSampler] = []
+    figures |= await _load(url, accounts[2:], seconds, lambda: samplers.append(_CpuSampler(pids)))
+    cpu = samplers[0]  # from the end of the warm-up (first requests of a key pair pay its scrypt)
     figures["load_cpu"] = cpu.percent()
+    figures["load_cpu_ms_per_order"] = {
+        k: 1000 * v / max(figures["load_ok"], 1) for k, v in cpu.seconds().items()
+    }
     figures["loadavg"] = os.getloadavg()[0]
     console.print("waiting for the ledger to book every fill ...")
     figures |= await _settle(ep, durable, observer, {a["id"] for a in accounts[2:]})
@@ -170,14 +176,18 @@ async def _single(
     }
 
 
-async def _load(url: str, accounts: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+async def _load(
+    url: str, accounts: list[dict[str, Any]], seconds: float, counting: Callable[[], None]
+) -> dict[str, Any]:
+    """`seconds` of load counted after a warm-up: at least 2 s, and until every client has had an
+    answer (a key pair's first request pays its scrypt verification)."""
     ok = 0
     errors = 0
     error_samples: list[str] = []
     latencies: list[float] = []
-    stop_at = time.perf_counter() + seconds
-    warm_until = time.perf_counter() + min(2.0, seconds / 5)
-    counted_from = [0.0]
+    window = [float("inf"), float("inf")]  # counted from, stop at
+    answered: set[int] = set()
+    all_answered = asyncio.Event()
 
     async def worker(i: int, session: aiohttp.ClientSession, acct: dict[str, Any]) -> None:
         nonlocal ok, errors
@@ -186,7 +196,7 @@ async def _load(url: str, accounts: list[dict[str, Any]], seconds: float) -> dic
         payload = orjson.dumps(_order_body(side))
         while True:
             now = time.perf_counter()
-            if now >= stop_at:
+            if now >= window[1]:
                 return
             try:
                 async with session.post(f"{url}/v2/orders", data=payload, headers=headers) as r:
@@ -195,7 +205,10 @@ async def _load(url: str, accounts: list[dict[str, Any]], seconds: float) -> dic
             except Exception as exc:  # transport errors count as errors
                 status, data = -1, repr(exc).encode()
             t1 = time.perf_counter()
-            if now < warm_until:
+            answered.add(i)
+            if len(answered) == len(accounts):
+                all_answered.set()
+            if now < window[0]:
                 continue
             if status == 200:
                 ok += 1
@@ -207,10 +220,12 @@ async def _load(url: str, accounts: list[dict[str, Any]], seconds: float) -> dic
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=len(accounts) + 5)) as session:
         tasks = [asyncio.create_task(worker(i, session, a)) for i, a in enumerate(accounts)]
-        await asyncio.sleep(max(warm_until - time.perf_counter(), 0))
-        counted_from[0] = time.perf_counter()
+        await asyncio.gather(asyncio.sleep(min(2.0, seconds / 5)), asyncio.wait_for(all_answered.wait(), 120))
+        window[0] = time.perf_counter()
+        window[1] = window[0] + seconds
+        counting()
         await asyncio.gather(*tasks)
-    elapsed = stop_at - counted_from[0]
+    elapsed = window[1] - window[0]
     return {
         "load_ok": ok,
         "load_errors": errors,
@@ -287,22 +302,65 @@ async def _floors(ep: Endpoints) -> dict[str, Any]:
 
 
 class _CpuSampler:
-    """CPU % of each service process (and of this load generator) between construction and `percent()`."""
+    """CPU of each service process (children included: the broker's ledger process) and of this load
+    generator between construction and `percent()` / `seconds()`."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
-        self.procs["bench (clients)"] = psutil.Process()
-        for p in self.procs.values():
-            p.cpu_percent()
+        self.services = set(pids.values())
+        self.start = time.perf_counter()
+        self.infra0 = self._infra()
+        self.cpu0 = self._all()
+
+    def seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) each process used since construction."""
+        now = self._all()
+        out = {name: now[name] - self.cpu0.get(name, 0.0) for name in now}
+        infra = self._infra()
+        if infra or self.infra0:
+            out["embedded infra"] = sum(t - self.infra0.get(pid, 0.0) for pid, t in infra.items())
+        return out
+
+    def _all(self) -> dict[str, float]:
+        out = {name: self._cpu(p) for name, p in self.procs.items()}
+        for name, p in self.procs.items():  # the broker's ledger process, apart
+            kids = self._cpu(p) - self._cpu(p, children=False)
+            if kids > 0:
+                out[f"{name} (child processes)"] = kids
+        out["bench (clients)"] = self._cpu(psutil.Process(), children=False)
+        return out
+
+    def _infra(self) -> dict[int, float]:
+        """CPU per process of the embedded NATS/Postgres/Redis (this process's other descendants)."""
+        out = {}
+        for c in psutil.Process().children(recursive=True):
+            if c.pid in self.services or any(a.pid in self.services for a in _ancestors(c)):
+                continue
+            out[c.pid] = self._cpu(c, children=False)
+        return out
 
     def percent(self) -> dict[str, float]:
-        out = {}
-        for name, p in self.procs.items():
-            try:
-                out[name] = p.cpu_percent()
-            except psutil.Error:
-                out[name] = float("nan")
-        return out
+        wall = time.perf_counter() - self.start
+        return {name: 100.0 * s / wall for name, s in self.seconds().items()}
+
+    @staticmethod
+    def _cpu(p: psutil.Process, children: bool = True) -> float:
+        total = 0.0
+        try:
+            for q in [p, *(p.children(recursive=True) if children else [])]:
+                with contextlib.suppress(psutil.Error):
+                    t = q.cpu_times()
+                    total += t.user + t.system
+        except psutil.Error:
+            return float("nan")
+        return total
+
+
+def _ancestors(p: psutil.Process) -> list[psutil.Process]:
+    try:
+        return p.parents()
+    except psutil.Error:
+        return []
 
 
 # --- observation --------------------------------------------------------------------------------------
@@ -516,6 +574,11 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
         "CPU % during the load (100 = one core of 2): "
         + ", ".join(f"{k} {v:.0f}" for k, v in f["load_cpu"].items())
     )
+    console.print(
+        "CPU ms per order during the load: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in f["load_cpu_ms_per_order"].items())
+        + f"; load average {f['loadavg']:.2f}"
+    )
     rows.append(
         _row(
             "machine load average (1 min) at the end of the load",
@@ -527,6 +590,8 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
     )
     for name, value in f["load_cpu"].items():
         rows.append(_row(f"CPU during load: {name}", round(value, 1), "% of a core", None, None))
+    for name, value in f["load_cpu_ms_per_order"].items():
+        rows.append(_row(f"CPU per order during load: {name}", round(value, 3), "ms", None, None))
     if f["load_error_samples"]:
         console.print("error samples:", f["load_error_samples"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from papertrade.db import migrate_async
 from papertrade.service import ServiceContext, create_app
 from papertrade.service.errors import error_response
 from papertrade_broker import hotpath
-from papertrade_broker.consumer import LedgerConsumer, LedgerThread
+from papertrade_broker.consumer import LedgerProcess
 from papertrade_broker.desk import Desk
 from papertrade_broker.market import Market
 from papertrade_broker.routes import admin, v2
@@ -52,24 +52,26 @@ def build_app(settings: BrokerSettings | None = None) -> FastAPI:
         await pool.open(wait=True, timeout=30)
         ctx.state["pool"] = pool
         desk = Desk(ctx, Market(ctx.links.redis), settings.risk_timeout, engine, pool)
+        desk.start()
         ctx.state["desk"] = desk
-        consumer = LedgerConsumer(settings, settings.ledger_durable)
-        runner = LedgerThread(consumer)
+        runner = LedgerProcess(settings, settings.ledger_durable)
         ctx.state["ledger"] = runner
         runner.start()
 
         async def readiness() -> dict[str, str]:
             if not runner.alive():
-                return {"ledger": "consumer thread is not running"}
-            return {"ledger": "ok" if consumer.ready else "consumer not subscribed yet"}
+                return {"ledger": "consumer process is not running"}
+            return {"ledger": "ok" if runner.ready else "consumer not subscribed yet"}
 
         ctx.state["readiness"] = readiness
 
     async def stop(ctx: ServiceContext) -> None:
-        # Stop fetching before the NATS link drains (a pending fetch would hold the drain up).
         runner = ctx.state.get("ledger")
         if runner is not None:
             await asyncio.to_thread(runner.stop)
+        desk = ctx.state.get("desk")
+        if desk is not None:
+            await desk.stop()
         engine = ctx.state.get("engine")
         if engine is not None:
             await engine.dispose()

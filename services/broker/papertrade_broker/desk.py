@@ -97,6 +97,14 @@ class Desk:
         self._async_ready = False
         self._async_init = asyncio.Lock()
         self._accounts: dict[UUID, AccountInfo] = {}
+        #: Books new orders, many per transaction (`start` / `stop` with the service).
+        self.writer = hotpath.GroupCommit(pool, self._check_new)
+
+    def start(self) -> None:
+        self.writer.start()
+
+    async def stop(self) -> None:
+        await self.writer.stop()
 
     # --- accounts and keys ----------------------------------------------------------------------
 
@@ -234,9 +242,22 @@ class Desk:
         now = utcnow()
         spec = await self._ask_risk(acct, spec, order_id, now, sim_time=await self.market.sim_time())
         # From here on risk holds the order's exposure: every refusal hands it back on risk.release.
+        # Shielded: a request cancelled now still sees its order booked and routed (or refused and
+        # released), never left pending in Postgres without a command at the book.
+        return await asyncio.shield(self._book_and_route(acct, spec, order_id, coid, ref_price, now))
+
+    async def _book_and_route(
+        self,
+        acct: AccountInfo,
+        spec: OrderSpec,
+        order_id: UUID,
+        coid: str | None,
+        ref_price: Decimal,
+        now: datetime,
+    ) -> dict[str, Any]:
         try:
             row = await self._persist_new(acct, spec, order_id, coid or str(order_id), ref_price, now)
-        except BaseException as exc:  # buying power, shares, a lost database, a cancelled request
+        except BaseException as exc:  # buying power, shares, a lost database
             await self._release_risk(acct.id, spec.symbol, order_id, _refusal(exc))
             raise
         if row is None:  # a concurrent request with the same client_order_id won
@@ -610,55 +631,53 @@ class Desk:
     ) -> Mapping[str, Any] | None:
         """Check buying power with the account locked and insert the order (None: the coid is taken).
 
-        Plain psycopg in pipeline mode: BEGIN + the locking read in one round trip, INSERT + COMMIT
-        in the next, prepared statements (see `hotpath`)."""
-        lock = {"a": acct.id, "open": hotpath.OPEN_STATUSES, "s": spec.symbol, "side": spec.side.value}
+        Booked by the group commit (`hotpath.GroupCommit`): one transaction for the submits that
+        arrive together, two round trips, prepared statements."""
+        values = {
+            "id": order_id,
+            "account_id": acct.id,
+            "client_order_id": coid,
+            "symbol": spec.symbol,
+            "side": spec.side.value,
+            "type": spec.type.value,
+            "time_in_force": spec.time_in_force.value,
+            "qty": spec.qty,
+            "notional": spec.notional,
+            "limit_price": spec.limit_price,
+            "stop_price": spec.stop_price,
+            "all_or_none": spec.all_or_none,
+            "extended_hours": spec.extended_hours,
+            "status": OrderStatus.PENDING_NEW.value,
+            "reserve_price": ref_price,
+            "reserved": ZERO,
+            "created_at": now,
+            "updated_at": now,
+            "submitted_at": now,
+        }
+        item = hotpath.NewOrder(acct, spec, acct.id, spec.symbol, spec.side.value, spec.qty, values)
         try:
-            async with self.pool.connection() as conn:
-                async with conn.pipeline(), conn.transaction():
-                    cur = await conn.execute(hotpath.LOCK_ACCOUNT, lock, prepare=True)
-                    acc = await cur.fetchone()
-                    if acc is None:
-                        raise ApiError.unauthorized("request is not authorized: the account no longer exists")
-                    reserved = await self._needed_buying_power(
-                        acct,
-                        spec,
-                        ref_price,
-                        ZERO,
-                        acc["cash"],
-                        acc["reserved"],
-                        acc["same_side"],
-                        acc["held"],
-                    )
-                    values = {
-                        "id": order_id,
-                        "account_id": acct.id,
-                        "client_order_id": coid,
-                        "symbol": spec.symbol,
-                        "side": spec.side.value,
-                        "type": spec.type.value,
-                        "time_in_force": spec.time_in_force.value,
-                        "qty": spec.qty,
-                        "notional": spec.notional,
-                        "limit_price": spec.limit_price,
-                        "stop_price": spec.stop_price,
-                        "all_or_none": spec.all_or_none,
-                        "extended_hours": spec.extended_hours,
-                        "status": OrderStatus.PENDING_NEW.value,
-                        "reserve_price": ref_price,
-                        "reserved": reserved,
-                        "created_at": now,
-                        "updated_at": now,
-                        "submitted_at": now,
-                    }
-                    ins = await conn.execute(hotpath.INSERT_ORDER, values, prepare=True)
-                return await ins.fetchone()
-        except psycopg.errors.UniqueViolation:
-            return None
+            return await self.writer.submit(item)
+        except hotpath.NoAccount:
+            raise ApiError.unauthorized("request is not authorized: the account no longer exists") from None
         except psycopg.DataError as exc:
             raise ApiError.unprocessable(f"invalid value: {str(exc).splitlines()[0]}") from None
-        except psycopg.OperationalError as exc:
+        except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
             raise ApiError(503, f"database unavailable: {type(exc).__name__}") from None
+
+    async def _check_new(
+        self,
+        acct: AccountInfo,
+        spec: OrderSpec,
+        ref_price: Decimal,
+        cash: Decimal,
+        reserved_sum: Decimal,
+        same_side_sum: Decimal,
+        held: list[list[str]],
+    ) -> Decimal:
+        """The group commit's check of one new order against its locked account."""
+        return await self._needed_buying_power(
+            acct, spec, ref_price, ZERO, cash, reserved_sum, same_side_sum, held
+        )
 
     async def _persist_replace(
         self,

@@ -29,7 +29,8 @@ v2 = APIRouter(prefix="/v2", tags=["trading (Alpaca v2)"])
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 
 
-def get_desk(request: Request) -> Desk:
+async def get_desk(request: Request) -> Desk:
+    # async: FastAPI runs a plain `def` dependency on a worker thread (a thread hop per request).
     desk: Desk = request.app.state.ctx.state["desk"]
     return desk
 
@@ -43,7 +44,7 @@ async def current_account(
     apca_api_secret_key: Annotated[str | None, Header(alias="APCA-API-SECRET-KEY")] = None,
 ) -> AccountInfo:
     """Alpaca auth: one key pair is one account."""
-    return await get_desk(request).authenticate(apca_api_key_id, apca_api_secret_key)
+    return await (await get_desk(request)).authenticate(apca_api_key_id, apca_api_secret_key)
 
 
 AccountDep = Annotated[AccountInfo, Depends(current_account)]
