@@ -149,6 +149,27 @@ def test_trade_updates_for_a_market_order(broker: Broker) -> None:
     assert fill["order"]["status"] == "filled" and fill["order"]["filled_qty"] == "3"
 
 
+def test_ledger_metrics_are_served_by_the_broker(broker: Broker) -> None:
+    """The ledger runs in its own process: its counters still show on the broker's /metrics."""
+    acct = broker.new_account()
+    with broker.client(acct) as c:
+        order = _order(c, symbol="MSFT", qty=1, side="buy")
+        _wait_status(c, order["id"], "filled")
+
+    def fills_counted() -> bool:
+        text = httpx.get(f"{broker.url}/metrics", timeout=10).text
+        return (
+            any(
+                line.startswith('papertrade_broker_exec_reports_total{exec="fill",outcome="applied"}')
+                and float(line.rsplit(" ", 1)[1]) >= 1
+                for line in text.splitlines()
+            )
+            and "papertrade_broker_fill_to_commit_seconds_count" in text
+        )
+
+    wait_for(fills_counted, what="the ledger's fill counter on /metrics")
+
+
 def test_commission_on_fills_and_cash(broker: Broker) -> None:
     acct = broker.new_account(
         cash="10000", commission={"kind": "per_share", "amount": "0.01", "minimum": "1"}

@@ -14,10 +14,11 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
+import queue
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -28,7 +29,9 @@ import uvloop
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import FetchTimeoutError
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from sqlalchemy import bindparam, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -55,6 +58,8 @@ _PR_SET_PDEATHSIG = 1
 BATCH = 256
 #: How long the second fetch of a batch waits when nothing more is there (seconds).
 DRAIN_WAIT = 0.005
+#: How often the ledger process sends its metrics to the broker process (seconds).
+METRICS_EVERY = 1.0
 
 REPORTS = Counter("papertrade_broker_exec_reports_total", "Execution reports consumed", ["exec", "outcome"])
 BATCH_SECONDS = Histogram(
@@ -589,9 +594,12 @@ class LedgerProcess:
         mp = multiprocessing.get_context("spawn")
         self._ready = mp.Value("b", 0, lock=False)
         self._stopping = mp.Event()
+        #: The child's latest metrics (one snapshot at most), served by this process's /metrics.
+        self._metrics: Any = mp.Queue(maxsize=1)
+        _relay_metrics(self._metrics)
         self._proc = mp.Process(
             target=_ledger_main,
-            args=(settings, durable, self._ready, self._stopping, os.getpid()),
+            args=(settings, durable, self._ready, self._stopping, os.getpid(), self._metrics),
             name="broker-ledger",
             daemon=True,
         )
@@ -614,7 +622,9 @@ class LedgerProcess:
         return bool(self._ready.value)
 
 
-def _ledger_main(settings: BrokerSettings, durable: str, ready: Any, stopping: Any, parent_pid: int) -> None:
+def _ledger_main(
+    settings: BrokerSettings, durable: str, ready: Any, stopping: Any, parent_pid: int, metrics: Any
+) -> None:
     """The ledger process: consume until the broker asks it to stop or goes away."""
     _die_with_parent()
     configure_logging("broker", settings.log_level, settings.log_format)
@@ -623,12 +633,17 @@ def _ledger_main(settings: BrokerSettings, durable: str, ready: Any, stopping: A
     signal.signal(signal.SIGTERM, lambda *_: consumer.stopping.set())
 
     async def watch() -> None:
+        sent = 0.0
         while not consumer.stopping.is_set():
             if stopping.is_set() or os.getppid() != parent_pid:
                 consumer.stopping.set()
             ready.value = 1 if consumer.ready else 0
+            if time.monotonic() - sent > METRICS_EVERY:
+                _send_metrics(metrics)
+                sent = time.monotonic()
             await asyncio.sleep(0.05)
         ready.value = 0
+        _send_metrics(metrics)
 
     async def main() -> None:
         watcher = asyncio.create_task(watch())
@@ -642,6 +657,45 @@ def _ledger_main(settings: BrokerSettings, durable: str, ready: Any, stopping: A
     except Exception as exc:  # never silent
         _log.error("ledger process crashed", error=repr(exc), exc_info=exc)
         raise
+
+
+class _RelayedMetrics(Collector):
+    """In the broker process: the ledger process's metrics as it last sent them."""
+
+    def __init__(self) -> None:
+        self.source: Any = None
+        self.latest: list[Metric] = []
+
+    def collect(self) -> Iterable[Metric]:
+        with contextlib.suppress(queue.Empty, OSError, EOFError, ValueError):
+            while self.source is not None:
+                self.latest = self.source.get_nowait()
+        return list(self.latest)
+
+
+_relay: _RelayedMetrics | None = None
+
+
+def _relay_metrics(source: Any) -> None:
+    """Serve the ledger metrics from `source` (the child's snapshots) instead of this process's own."""
+    global _relay
+    if _relay is None:
+        for collector in (REPORTS, BATCH_SECONDS, FILL_TO_COMMIT):
+            with contextlib.suppress(KeyError):
+                REGISTRY.unregister(collector)
+        _relay = _RelayedMetrics()
+        REGISTRY.register(_relay)
+    _relay.source = source
+    _relay.latest = []
+
+
+def _send_metrics(sink: Any) -> None:
+    """In the ledger process: replace the snapshot waiting in `sink` with a fresh one."""
+    snapshot = [m for c in (REPORTS, BATCH_SECONDS, FILL_TO_COMMIT) for m in c.collect()]
+    with contextlib.suppress(queue.Empty):
+        sink.get_nowait()
+    with contextlib.suppress(queue.Full):
+        sink.put_nowait(snapshot)
 
 
 def _die_with_parent() -> None:
