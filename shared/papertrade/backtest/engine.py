@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import gc
-import operator
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
-from uuid import UUID
+from uuid import UUID, SafeUUID
 
 import msgspec
 import numpy as np
@@ -71,6 +70,13 @@ _TIF = {
     TimeInForce.FOK: eng.FOK,
 }
 _UUID_V4 = (4 << 76) | (2 << 62)
+#: the bits every backtest order id has (a v4 UUID whose node field says b7), the order's number aside
+_OID_BITS = _UUID_V4 | (0xB7 << 80)
+_EV_ACCEPTED = eng.EV_ACCEPTED
+_EV_FILL = eng.EV_FILL
+_EV_CANCELED = eng.EV_CANCELED
+_EV_EXPIRED = eng.EV_EXPIRED
+_EV_REJECTED = eng.EV_REJECTED
 #: The strategy account's tag inside the backtester's books.
 _BT = 1
 
@@ -218,8 +224,10 @@ class BacktestContext:
     def submit(self, request: OrderRequest) -> Order:
         self._seq += 1
         eid = self._seq
-        oid = UUID(int=eid | _UUID_V4 | (0xB7 << 80))
-        now = self.now()
+        oid = _uuid(eid | _OID_BITS)
+        if self.fast is not None:
+            self.sync()
+        now = self.bar_t + self.delta
         order = request.to_order(
             id=oid,
             client_order_id=request.client_order_id or f"bt-{eid}",
@@ -344,14 +352,20 @@ class BacktestContext:
         return prices
 
     def requote(
-        self, symbol: str, ref: Decimal, maker_only: bool = False, only_side: int | None = None
+        self,
+        symbol: str,
+        ref: Decimal,
+        maker_only: bool = False,
+        only_side: int | None = None,
+        only_lots: int = 0,
     ) -> None:
         """The market maker of `symbol` re-quotes around `ref` now (events applied). `maker_only`:
-        nothing of the strategy's is in that book, so the events can only be the maker's own."""
+        nothing of the strategy's is in that book, so the events can only be the maker's own;
+        `only_side` / `only_lots`: see `LiquiditySim.refresh`."""
         self.sync()
         self.stale[symbol] = None
         book = self.books[symbol]
-        self.liquidity[symbol].refresh(book, ref, self.t_ns, only_side)
+        self.liquidity[symbol].refresh(book, ref, self.t_ns, only_side, only_lots)
         if maker_only:
             book.take_events()
         elif book.events:
@@ -406,44 +420,54 @@ class BacktestContext:
 
     def _check(self, order: Order) -> str | None:
         """The broker's checks: symbol known, prices on the tick grid, whole lots, buying power."""
-        inst = self.instruments.get(order.symbol)
+        symbol = order.symbol
+        inst = self.instruments.get(symbol)
         if inst is None:
-            return f"unknown symbol {order.symbol}: this backtest trades {', '.join(self.data)}"
-        for name, price in (("limit_price", order.limit_price), ("stop_price", order.stop_price)):
-            if price is not None and price % inst.tick:
-                return f"{name} {price} is not a multiple of the tick size {inst.tick}"
-        if order.qty is not None and order.qty % inst.lot:
-            return f"qty {order.qty} is not a multiple of the lot size {inst.lot}"
-        last = self.last_price(order.symbol)
+            return f"unknown symbol {symbol}: this backtest trades {', '.join(self.data)}"
+        limit_price = order.limit_price
+        stop_price = order.stop_price
+        if limit_price is not None and limit_price % inst.tick:
+            return f"limit_price {limit_price} is not a multiple of the tick size {inst.tick}"
+        if stop_price is not None and stop_price % inst.tick:
+            return f"stop_price {stop_price} is not a multiple of the tick size {inst.tick}"
+        qty = order.qty
+        if qty is not None and qty % inst.lot:
+            return f"qty {qty} is not a multiple of the lot size {inst.lot}"
+        last = self.last_price(symbol)
         if last is None:
-            return f"no price for {order.symbol} yet"
-        pos_qty = self.ledger.position(order.symbol).qty
+            return f"no price for {symbol} yet"
+        ledger = self.ledger
+        held_pos = ledger.positions.get(symbol)
+        pos_qty = held_pos.qty if held_pos is not None else ZERO
         side = order.side
         same = ZERO
-        if self.open:
+        open_orders = self.open
+        if open_orders:
             same = sum(
                 (
                     (o.qty or ZERO) - o.filled_qty
-                    for o in self.open.values()
-                    if o.symbol == order.symbol and o.side is side
+                    for o in open_orders.values()
+                    if o.symbol == symbol and o.side is side
                 ),
                 ZERO,
             )
-        if side is Side.SELL and not self.config.shorting_enabled and order.qty is not None:
+        if side is Side.SELL and not self.config.shorting_enabled and qty is not None:
             held = pos_qty - same
-            if order.qty > held:
-                return f"insufficient qty available for order (requested: {order.qty}, available: {max(held, ZERO)})"
+            if qty > held:
+                return (
+                    f"insufficient qty available for order (requested: {qty}, available: {max(held, ZERO)})"
+                )
         if order.notional is not None:
             needs = order.notional if side is Side.BUY else ZERO
         else:
-            est = order.limit_price or order.stop_price or last
-            needs = reservation(side, order.qty or ZERO, est, pos_qty, same)
+            est = limit_price or stop_price or last
+            needs = reservation(side, qty or ZERO, est, pos_qty, same)
         if needs > 0:
-            if not self.open and all(p.qty >= 0 for p in self.ledger.positions.values()):
-                power = max(self.ledger.cash, ZERO)
+            if not open_orders and all(p.qty >= 0 for p in ledger.positions.values()):
+                power = max(ledger.cash, ZERO)
             else:
                 prices = self.marks()
-                power = self.ledger.buying_power(prices, self._reserved(prices))
+                power = ledger.buying_power(prices, self._reserved(prices))
             if needs > power:
                 return f"insufficient buying power: needs {needs:.2f}, has {power:.2f}"
         return None
@@ -460,7 +484,13 @@ class BacktestContext:
             # market order meets only the other side: the rest of the ladder is placed if it stays.
             half = verb == "new" and order.type is OrderType.MARKET and self.working[symbol] == 1
             only = (eng.SELL if order.side is Side.BUY else eng.BUY) if half else None
-            self.requote(symbol, ref, maker_only=True, only_side=only)
+            # of a size known in lots, it reaches only the best rungs that hold that many
+            lots = (
+                int(order.qty / self.instruments[symbol].lot)
+                if half and order.qty is not None and order.notional is None
+                else 0
+            )
+            self.requote(symbol, ref, maker_only=True, only_side=only, only_lots=lots)
         if verb == "cancel":
             if eid in self.open:
                 book.cancel(eid, "canceled", _BT)
@@ -517,21 +547,22 @@ class BacktestContext:
     def _apply(self, symbol: str, events: list[tuple[Any, ...]]) -> None:
         """Engine events -> order states, ledger fills and trade updates (the strategy's orders)."""
         orders = self.orders
+        sim = self.liquidity[symbol]
         for ev in events:
             kind = ev[0]
-            if kind == eng.EV_FILL:
+            if kind == _EV_FILL:
                 taker = ev[2]
                 maker = ev[3]
                 if taker.acct == _BT:
                     self._fill(symbol, taker, ev[4], ev[5], "taker")
-                elif self.liquidity[symbol].filled(taker.oid, ev[5], ev[7]):
+                elif sim.filled(taker.oid, ev[5], ev[7]):
                     self.active.add(symbol)
                 if maker.acct == _BT:
                     self._fill(symbol, maker, ev[4], ev[5], "maker")
-                elif self.liquidity[symbol].filled(maker.oid, ev[5], ev[9]):
+                elif sim.filled(maker.oid, ev[5], ev[9]):
                     self.active.add(symbol)
                 continue
-            if kind == eng.EV_REJECTED:
+            if kind == _EV_REJECTED:
                 if ev[2] != _BT or ev[5] == "cancel":
                     continue
                 order = orders[ev[1]]
@@ -546,17 +577,17 @@ class BacktestContext:
                 continue
             eid = rec.oid
             order = orders[eid]
-            if kind == eng.EV_ACCEPTED:
+            if kind == _EV_ACCEPTED:
                 order.status = OrderStatus.NEW
                 order.updated_at = self.now()
                 self._update("new", order)
-            elif kind == eng.EV_CANCELED:
+            elif kind == _EV_CANCELED:
                 order.status = OrderStatus.CANCELED
                 order.canceled_at = order.updated_at = self.now()
                 order.reason = ev[2]
                 self._close(eid, order)
                 self._update("canceled", order)
-            elif kind == eng.EV_EXPIRED:
+            elif kind == _EV_EXPIRED:
                 order.status = OrderStatus.EXPIRED
                 order.expired_at = order.updated_at = self.now()
                 self._close(eid, order)
@@ -568,13 +599,24 @@ class BacktestContext:
         inst = self.instruments[symbol]
         price = _dec(tick) * inst.tick
         qty = _dec(lots) * inst.lot
-        now = self.now()
-        result = self.ledger.fill(
-            symbol, order.side, qty, price, order_id=str(eid), fee=ZERO if self._no_fees else None
+        if self.fast is not None:
+            self.sync()
+        now = self.bar_t + self.delta
+        ledger = self.ledger
+        no_fees = self._no_fees
+        # without fees the ledger keeps no per-order accumulator (nothing to name or forget)
+        result = ledger.fill(
+            symbol,
+            order.side,
+            qty,
+            price,
+            order_id=None if no_fees else str(eid),
+            fee=ZERO if no_fees else None,
         )
-        filled = order.filled_qty + qty
+        prior = order.filled_qty
+        filled = prior + qty
         avg = order.filled_avg_price
-        order.filled_avg_price = price if avg is None else (avg * order.filled_qty + price * qty) / filled
+        order.filled_avg_price = price if avg is None else (avg * prior + price * qty) / filled
         order.filled_qty = filled
         order.updated_at = now
         self._exec_seq += 1
@@ -603,7 +645,8 @@ class BacktestContext:
             if order.qty is None:
                 order.qty = filled
             self._close(eid, order)
-            self.ledger.forget_order(str(eid))
+            if not no_fees:
+                ledger.forget_order(str(eid))
         else:
             order.status = OrderStatus.PARTIALLY_FILLED
         self.fills.append(
@@ -622,7 +665,7 @@ class BacktestContext:
             )
         )
         self.fill_k.append(self.k)
-        self.fill_cash.append(float(self.ledger.cash))
+        self.fill_cash.append(float(ledger.cash))
         if self._wants_updates:
             self.updates.append(
                 TradeUpdate(
@@ -705,7 +748,11 @@ class Backtester:
         liquidity = ctx.liquidity
         stale = ctx.stale
         expiry = _DayExpiry(self.config.hours, symbols, times[0], times[-1]) if n else None
-        next_close = expiry.next_close(times[0]) if expiry is not None else 0
+        # DAY orders expire at the first session close in (previous bar, this bar]; only bars that
+        # start with orders working can have any. `next_close` is the first close after the last
+        # bar that looked (0: look again), so a bar before it cannot hold a close.
+        next_close = 0
+        open_orders = ctx.open
         on_bar = self.strategy.on_bar
         every_bar = self.config.liquidity.refresh_bars <= 1
         fast = every_bar and len(symbols) == 1 and not self.general_loop
@@ -728,12 +775,13 @@ class Backtester:
                 for lo in range(0, n, chunk):
                     hi = min(n, lo + chunk)
                     for k in range(lo, hi):
-                        if times[k] >= next_close:
-                            cutoff = next_close
+                        if open_orders and k and times[k] >= next_close:
+                            cutoff = expiry.next_close(times[k - 1])  # type: ignore[union-attr]
                             next_close = expiry.next_close(times[k])  # type: ignore[union-attr]
-                            ctx.expire_day(cutoff)
-                            ctx.settle()
-                            running = driver.state is State.RUNNING
+                            if times[k] >= cutoff:
+                                ctx.expire_day(cutoff)
+                                ctx.settle()
+                                running = driver.state is State.RUNNING
                         bar = Bar(
                             symbol=symbol,
                             interval=interval,
@@ -768,12 +816,13 @@ class Backtester:
                     hi = min(n, lo + chunk)
                     for k in range(lo, hi):
                         t_ns = times[k]
-                        if t_ns >= next_close:
-                            cutoff = next_close
+                        if open_orders and k and t_ns >= next_close:
+                            cutoff = expiry.next_close(times[k - 1])  # type: ignore[union-attr]
                             next_close = expiry.next_close(t_ns)  # type: ignore[union-attr]
-                            ctx.expire_day(cutoff)
-                            ctx.settle()
-                            running = driver.state is State.RUNNING
+                            if t_ns >= cutoff:
+                                ctx.expire_day(cutoff)
+                                ctx.settle()
+                                running = driver.state is State.RUNNING
                         si = order_sym[k]
                         symbol = symbols[si]
                         row = order_row[k]
@@ -828,7 +877,9 @@ class Backtester:
         prices = ctx.marks()
         positions = {s: ctx.position(s) for s, p in ctx.ledger.positions.items() if p.qty}
         final_equity = ctx.ledger.cash + sum((p.qty * prices[s] for s, p in positions.items()), ZERO)
-        equity, gross = _equity_curve(ctx, symbols, order_sym, cols, float(self.config.cash))
+        equity, gross = _equity_curve(
+            ctx, symbols, order_sym, [self.series[s] for s in symbols], float(self.config.cash)
+        )
         elapsed = time.perf_counter() - started
         return RawResult(
             strategy=f"{type(self.strategy).__module__}:{type(self.strategy).__qualname__}",
@@ -860,41 +911,51 @@ class Backtester:
 
 
 def _equity_curve(
-    ctx: BacktestContext, symbols: list[str], order_sym: list[int], cols: list[Any], cash: float
+    ctx: BacktestContext, symbols: list[str], order_sym: list[int], series: list[BarSeries], cash: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Equity and gross exposure at every merged bar, vectorised from the fills (floats for curves;
     the exact figures are the ledger's). A fill at bar k counts in bar k's mark."""
     n = len(order_sym)
     if n == 0:
         return np.zeros(0), np.zeros(0)
-    sym = np.asarray(order_sym, dtype=np.int64)
     ks = np.asarray(ctx.fill_k, dtype=np.int64)
-    cash_curve = np.full(n, cash)
-    if len(ks):
-        last = np.full(n, -1, dtype=np.int64)
-        last[ks] = np.arange(len(ks))  # the last fill at each bar wins
-        idx = np.maximum.accumulate(last)
-        fill_cash = np.asarray(ctx.fill_cash, dtype=np.float64)
-        cash_curve = np.where(idx >= 0, fill_cash[np.maximum(idx, 0)], cash)
-    equity = cash_curve.copy()
+    equity = _steps(n, ks, np.asarray(ctx.fill_cash, dtype=np.float64), cash)
     gross = np.zeros(n)
+    one = len(symbols) == 1
+    sym = None if one else np.asarray(order_sym, dtype=np.int64)
     for si, symbol in enumerate(symbols):
-        fills = [(i, f) for i, f in enumerate(ctx.fills) if f.symbol == symbol]
-        if not fills:
+        picked = range(len(ctx.fills)) if one else [i for i, f in enumerate(ctx.fills) if f.symbol == symbol]
+        if not picked:
             continue
-        close = np.full(n, np.nan)
-        mask = sym == si
-        close[mask] = np.asarray([float(x) for x in cols[si][4]], dtype=np.float64)
-        close = _ffill(close)
-        pos_at = np.full(n, -1, dtype=np.int64)
-        qtys = np.asarray([float(f.position_qty) for _, f in fills], dtype=np.float64)
-        pos_at[np.asarray([ctx.fill_k[i] for i, _ in fills], dtype=np.int64)] = np.arange(len(fills))
-        pidx = np.maximum.accumulate(pos_at)
-        qty = np.where(pidx >= 0, qtys[np.maximum(pidx, 0)], 0.0)
-        mv = np.nan_to_num(qty * close)
+        # the float column the exact closes were read from (a float's shortest repr converts back to
+        # the same float; + 0.0 turns a -0.0 into the 0.0 its Decimal "0" gives)
+        closes = np.asarray(series[si].c, dtype=np.float64) + 0.0
+        if sym is None:
+            close = closes
+        else:
+            close = np.full(n, np.nan)
+            close[sym == si] = closes
+            close = _ffill(close)
+        fills = ctx.fills
+        qtys = np.asarray([float(fills[i].position_qty) for i in picked], dtype=np.float64)
+        at = ks if one else ks[np.asarray(picked, dtype=np.int64)]
+        mv = np.nan_to_num(_steps(n, at, qtys, 0.0) * close)
         equity += mv
         gross += np.abs(mv)
     return equity, gross
+
+
+def _steps(n: int, at: np.ndarray, values: np.ndarray, initial: float) -> np.ndarray:
+    """The step curve over `n` bars that is `initial` until bar `at[0]` and `values[i]` from bar
+    `at[i]` on (`at` ascending; of several values at one bar the last wins)."""
+    if not len(at):
+        return np.full(n, initial)
+    last = np.empty(len(at), dtype=bool)
+    last[:-1] = at[1:] != at[:-1]
+    last[-1] = True
+    at = at[last]
+    counts = np.diff(np.concatenate(([0], at, [n])))
+    return np.repeat(np.concatenate(([initial], values[last])), counts)
 
 
 def _ffill(a: np.ndarray) -> np.ndarray:
@@ -904,26 +965,39 @@ def _ffill(a: np.ndarray) -> np.ndarray:
 
 
 class _DayExpiry:
-    """The session closes (NYSE; UTC midnights for 24/7 markets) at which DAY orders expire,
-    precomputed for the whole run."""
+    """The session closes (NYSE; UTC midnights for 24/7 markets) at which DAY orders expire, computed
+    for the whole run on first use: only bars that start with orders working need them, so a run
+    whose orders never rest across a bar never loads the exchange calendar."""
 
     def __init__(self, hours: str, symbols: list[str], first_ns: int, last_ns: int) -> None:
-        from papertrade import calendar
+        self.hours = hours
+        self.symbols = symbols
+        self.first_ns = first_ns
+        self.last_ns = last_ns
+        self._closes: list[int] | None = None
 
-        day = 86_400 * 1_000_000_000
-        if all(calendar.always_open(s, hours) for s in symbols):
-            start = first_ns // day * day + day
-            closes = list(range(start, last_ns + 2 * day, day))
-        else:
-            first = _ns_dt(first_ns).date() - timedelta(days=1)
-            last = _ns_dt(last_ns).date() + timedelta(days=7)
-            closes = [_dt_ns(c) for _, _, c in calendar.sessions(first, last)]
-        self.closes = closes
+    @property
+    def closes(self) -> list[int]:
+        if self._closes is None:
+            self._closes = self._compute()
+        return self._closes
 
     def next_close(self, t_ns: int) -> int:
         """The first close strictly after the instant `t_ns` (far future when none is known)."""
-        i = bisect.bisect_right(self.closes, t_ns)
-        return self.closes[i] if i < len(self.closes) else 1 << 62
+        closes = self.closes
+        i = bisect.bisect_right(closes, t_ns)
+        return closes[i] if i < len(closes) else 1 << 62
+
+    def _compute(self) -> list[int]:
+        from papertrade import calendar
+
+        day = 86_400 * 1_000_000_000
+        if all(calendar.always_open(s, self.hours) for s in self.symbols):
+            start = self.first_ns // day * day + day
+            return list(range(start, self.last_ns + 2 * day, day))
+        first = _ns_dt(self.first_ns).date() - timedelta(days=1)
+        last = _ns_dt(self.last_ns).date() + timedelta(days=7)
+        return [_dt_ns(c) for _, _, c in calendar.sessions(first, last)]
 
 
 class _RiskAdapter:
@@ -964,6 +1038,17 @@ class _RiskAdapter:
 
 
 _DEC_CACHE: dict[int, Decimal] = {}
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+_SAFE_UNKNOWN = SafeUUID.unknown
+
+
+def _uuid(value: int) -> UUID:
+    """`UUID(int=value)` for a value known to fit 128 bits, without the constructor's parsing."""
+    u: UUID = _new_object(UUID)
+    _set_attribute(u, "int", value)
+    _set_attribute(u, "is_safe", _SAFE_UNKNOWN)
+    return u
 
 
 def _dec(n: int) -> Decimal:
@@ -993,10 +1078,10 @@ def _columns(
         if len(col) == 0:
             return []
         codes, uniq = pd.factorize(col)
-        decs = [to_decimal_str(x) for x in uniq.tolist()]
-        if len(col) == 1:
-            return [decs[0]]
-        return list(operator.itemgetter(*codes.tolist())(decs))
+        decs = np.empty(len(uniq), dtype=object)
+        decs[:] = [to_decimal_str(x) for x in uniq.tolist()]
+        out: list[Decimal] = decs[codes].tolist()
+        return out
 
     ts = _datetimes(s.t, s.interval.seconds * 1_000_000_000)
     return ts, conv(s.o), conv(s.h), conv(s.l), conv(s.c), conv(s.v)

@@ -60,6 +60,8 @@ class LiquiditySim:
         self.bars = 0
         self._seq = 0
         self._cache: dict[Decimal, list[tuple[Rung, int, int, int]]] = {}
+        #: the rungs of the latest target that a partial placement left out (while `half`)
+        self._unplaced: list[tuple[Rung, int, int, int]] = []
 
     def due(self) -> bool:
         """Count a bar of this symbol; True if the model re-quotes on it (every `refresh_bars`-th bar,
@@ -72,30 +74,39 @@ class LiquiditySim:
         """Take every rung off the book while nothing of the strategy's can meet them (the next
         refresh places the whole target again). Returns the book to use from now on: a fresh one
         that remembers the last trade price (what stops trigger on)."""
+        self.half = False
+        self._unplaced = []
         if not self.resting:
             return book
         fresh = book_class()()
         fresh.last_tick = book.last_tick
         self.resting.clear()
-        self.half = False
         return fresh
 
     def complete(self, book: Any, t_ns: int) -> None:
-        """After a one-sided placement: rest the other side's rungs of the same target too."""
+        """After a partial placement: rest the rungs of the same target it left out (in the target's
+        order, as a full placement would have)."""
         if not self.half or self.last_ref is None:
             return
         self.half = False
-        placed = {r[0] for r in self.resting.values()}
-        for rung, side, tick, lots in self._target(self.last_ref):
-            if rung.side in placed:
-                continue
-            self._seq += 1
-            self.resting[-self._seq] = [rung.side, rung.price, rung.qty, tick, lots, lots]
-            book.limit(-self._seq, side, tick, lots, LIQUIDITY_TAG, eng.GTC, eng.STP_NONE, t_ns)
+        unplaced = self._unplaced
+        self._unplaced = []
+        seq = self._seq
+        resting = self.resting
+        limit = book.limit
+        for rung, side, tick, lots in unplaced:
+            seq += 1
+            resting[-seq] = [rung.side, rung.price, rung.qty, tick, lots, lots]
+            limit(-seq, side, tick, lots, LIQUIDITY_TAG, eng.GTC, eng.STP_NONE, t_ns)
+        self._seq = seq
 
-    def refresh(self, book: Any, ref: Decimal, t_ns: int, only_side: int | None = None) -> None:
+    def refresh(
+        self, book: Any, ref: Decimal, t_ns: int, only_side: int | None = None, only_lots: int = 0
+    ) -> None:
         """Re-quote around `ref` (engine events stay in `book.events`). `only_side`: when nothing
-        rests, place that side's rungs only (`complete` adds the others if they come to matter)."""
+        rests, place that side's rungs only, best first, and (`only_lots` > 0) only as many as hold
+        `only_lots` lots: all that a lone market order of that size can reach. `complete` adds the
+        others if they come to matter."""
         if not self.enabled:
             return
         self.last_ref = ref
@@ -104,16 +115,24 @@ class LiquiditySim:
         if not resting:
             seq = self._seq
             limit = book.limit
-            self.half = only_side is not None
-            for rung, side, tick, lots in target:
-                if only_side is not None and side != only_side:
+            unplaced: list[tuple[Rung, int, int, int]] = []
+            need = only_lots if only_lots > 0 else -1
+            for entry in target:
+                rung, side, tick, lots = entry
+                if only_side is not None and (side != only_side or need == 0):
+                    unplaced.append(entry)
                     continue
                 seq += 1
                 resting[-seq] = [rung.side, rung.price, rung.qty, tick, lots, lots]
                 limit(-seq, side, tick, lots, LIQUIDITY_TAG, eng.GTC, eng.STP_NONE, t_ns)
+                if need > 0:
+                    need = max(need - lots, 0)
             self._seq = seq
+            self._unplaced = unplaced
+            self.half = bool(unplaced)
             self.partial = False
             return
+        self._unplaced = []
         self.half = False
         cancels, places = reconcile(
             [(oid, r[0], r[1], r[2]) for oid, r in resting.items()],
