@@ -45,7 +45,8 @@ FETCH = 256
 #: capped audit lists: per account and for all accounts
 LOG_PER_ACCOUNT = 1_000
 LOG_ALL = 10_000
-AUDIT_INTERVAL = 0.1
+#: seconds between audit flushes (short: each flush, in Python and in Redis, stays small)
+AUDIT_INTERVAL = 0.025
 #: records per audit script call (a call blocks Redis, and so the checks, while it runs)
 AUDIT_CHUNK = 256
 #: records kept for a later flush while Redis is unreachable (then the oldest are dropped)

@@ -150,19 +150,31 @@ return cjson.encode(out)
 
 
 #: the decision audit: ARGV = all-accounts list, its cap, per-account cap, per-account key prefix, then
-#: (account, record JSON) pairs oldest first. One command per flush instead of two per account.
+#: (account, record JSON) pairs oldest first. One command per flush, one LPUSH per list, and an
+#: LTRIM only for a list that grew past its cap.
 AUDIT_SCRIPT = r"""
 local all, cap_all, cap_one, prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local touched = {}
+local every, by_key, keys = {}, {}, {}
 for i = 5, #ARGV, 2 do
   local key = prefix .. ARGV[i]
-  redis.call('LPUSH', all, ARGV[i + 1])
-  redis.call('LPUSH', key, ARGV[i + 1])
-  touched[key] = true
+  every[#every + 1] = ARGV[i + 1]
+  local recs = by_key[key]
+  if not recs then
+    recs = {}
+    by_key[key] = recs
+    keys[#keys + 1] = key
+  end
+  recs[#recs + 1] = ARGV[i + 1]
 end
-redis.call('LTRIM', all, 0, cap_all - 1)
-for key in pairs(touched) do redis.call('LTRIM', key, 0, cap_one - 1) end
-return (#ARGV - 4) / 2
+if #every > 0 and redis.call('LPUSH', all, unpack(every)) > cap_all then
+  redis.call('LTRIM', all, 0, cap_all - 1)
+end
+for _, key in ipairs(keys) do
+  if redis.call('LPUSH', key, unpack(by_key[key])) > cap_one then
+    redis.call('LTRIM', key, 0, cap_one - 1)
+  end
+end
+return #every
 """
 
 
