@@ -1,13 +1,17 @@
 """Risk checks over NATS request/reply against one real risk process, next to a trivial responder.
 
-    .venv/bin/python bench/bench_risk.py [--n 10000] [--seconds 5] [--clients 2] [--inflight 128]
+    .venv/bin/python bench/bench_risk.py [--runs 5] [--n 5000] [--seconds 5] [--clients 2]
+        [--inflight 128] [--shared-nats]
 
-Uses NATS_URL / DATABASE_URL / REDIS_URL when set, else starts embedded servers in a temp dir. Starts
-one risk process (`python -m papertrade_risk`) and one trivial responder process (replies a fixed
-body, the floor of `/work/shared/bench/floors/bench_nats.py`), both on uvloop. Then:
+Starts a private nats-server (other processes answering `risk.check` on a shared server, e.g. other
+test runs, would answer the benchmark's requests too); `--shared-nats` uses NATS_URL instead. Uses
+DATABASE_URL / REDIS_URL when set, else starts embedded servers in a temp dir. Starts one risk
+process (`python -m papertrade_risk`) and one trivial responder process (replies a fixed body, the
+floor of `/work/shared/bench/floors/bench_nats.py`), both on uvloop. Then:
 
-- latency: sequential requests, alternating blocks of 1,000 between risk and the floor so both see the
-  same machine; p50 / p99 of each and the ratios (target: within 1.3x).
+- latency: `--runs` rounds of `--n` sequential requests each, alternating blocks of 1,000 between
+  risk and the floor so both see the same machine; per round p50 / p99 of each and the ratios, and
+  the median ratio over the rounds (target: within 1.3x).
 - throughput: `--clients` requester processes with `--inflight` concurrent requests each, for
   `--seconds`, against risk, then against the floor (target: >= 10,000 checks/s for one replica).
 
@@ -46,7 +50,9 @@ def main() -> None:
     ap.add_argument("mode", nargs="?", default="run", choices=["run", "responder", "load"])
     ap.add_argument("--url", default="")
     ap.add_argument("--subject", default="")
-    ap.add_argument("--n", type=int, default=10_000, help="sequential requests per target")
+    ap.add_argument("--runs", type=int, default=5, help="latency rounds (the ratios' median is reported)")
+    ap.add_argument("--n", type=int, default=5_000, help="sequential requests per target and round")
+    ap.add_argument("--shared-nats", action="store_true", help="use NATS_URL instead of a private server")
     ap.add_argument("--seconds", type=float, default=5.0, help="throughput run length per target")
     ap.add_argument("--clients", type=int, default=2, help="requester processes for throughput")
     ap.add_argument("--inflight", type=int, default=128, help="concurrent requests per requester")
@@ -66,7 +72,13 @@ def run(a: argparse.Namespace) -> None:
     from papertrade.stack.procs import free_port
     from papertrade.stack.services import spec
 
-    with tempfile.TemporaryDirectory(prefix="bench-risk-") as tmp, Infra(Path(tmp) / "infra") as ep:
+    infra_env = dict(os.environ)
+    if not a.shared_nats:
+        infra_env.pop("NATS_URL", None)
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-risk-") as tmp,
+        Infra(Path(tmp) / "infra", env=infra_env) as ep,
+    ):
         s = spec("risk")
         env = service_env(
             s,
@@ -85,7 +97,8 @@ def run(a: argparse.Namespace) -> None:
             wait_ready(risk, url)
             assert floor.stdout is not None and floor.stdout.readline().strip() == "READY"
             accounts = asyncio.run(_setup(url, ep.redis_url))
-            lat = asyncio.run(_latency(ep.nats_url, accounts, a.n))
+            load_before = os.getloadavg()[0]
+            lat = asyncio.run(_latency(ep.nats_url, accounts, a.n, a.runs))
             thr_risk = _throughput(ep.nats_url, "risk.check", a)
             thr_floor = _throughput(ep.nats_url, FLOOR_SUBJECT, a)
             decisions = asyncio.run(_decision_counts(url))
@@ -97,7 +110,7 @@ def run(a: argparse.Namespace) -> None:
                 floor.wait(10)
             except subprocess.TimeoutExpired:
                 floor.kill()
-    _report(lat, thr_risk, thr_floor, decisions, a)
+    _report(lat, thr_risk, thr_floor, decisions, a, load_before)
 
 
 # --- setup ------------------------------------------------------------------------------------------
@@ -162,26 +175,30 @@ def _bodies(accounts: list[str], n: int) -> list[bytes]:
 # --- latency -----------------------------------------------------------------------------------------
 
 
-async def _latency(nats_url: str, accounts: list[str], n: int) -> dict[str, list[float]]:
+async def _latency(nats_url: str, accounts: list[str], n: int, runs: int) -> list[dict[str, list[float]]]:
     import nats
 
     nc = await nats.connect(nats_url)
-    bodies = _bodies(accounts, n + 1000)
-    samples: dict[str, list[float]] = {"risk": [], "floor": []}
+    bodies = _bodies(accounts, 1000 + n * runs)
     # warm-up: every account cached, both paths hot
     for body in bodies[:1000]:
         await nc.request("risk.check", body, timeout=5)
         await nc.request(FLOOR_SUBJECT, body, timeout=5)
     block = 1000
-    for start in range(1000, n + 1000, block):
-        for target, subject in (("risk", "risk.check"), ("floor", FLOOR_SUBJECT)):
-            out = samples[target]
-            for body in bodies[start : start + block]:
-                t0 = time.perf_counter_ns()
-                await nc.request(subject, body, timeout=5)
-                out.append((time.perf_counter_ns() - t0) / 1e6)
+    rounds = []
+    for r in range(runs):
+        samples: dict[str, list[float]] = {"risk": [], "floor": []}
+        first = 1000 + r * n
+        for start in range(first, first + n, block):
+            for target, subject in (("risk", "risk.check"), ("floor", FLOOR_SUBJECT)):
+                out = samples[target]
+                for body in bodies[start : min(start + block, first + n)]:
+                    t0 = time.perf_counter_ns()
+                    await nc.request(subject, body, timeout=5)
+                    out.append((time.perf_counter_ns() - t0) / 1e6)
+        rounds.append(samples)
     await nc.close()
-    return samples
+    return rounds
 
 
 # --- throughput ----------------------------------------------------------------------------------------
@@ -284,20 +301,30 @@ def _pct(values: list[float], p: float) -> float:
 
 
 def _report(
-    lat: dict[str, list[float]],
+    rounds: list[dict[str, list[float]]],
     thr_risk: dict[str, float],
     thr_floor: dict[str, float],
     decisions: dict[str, Any],
     a: argparse.Namespace,
+    load_before: float,
 ) -> None:
-    r50, r99 = _pct(lat["risk"], 50), _pct(lat["risk"], 99)
-    f50, f99 = _pct(lat["floor"], 50), _pct(lat["floor"], 99)
-    seq_rate = 1000 / statistics.fmean(lat["risk"])
+    per_round = []
+    print(f"\nlatency rounds ({a.n} sequential requests per target each, alternating blocks of 1,000):")
+    print(
+        f"{'round':>5} {'risk p50':>9} {'floor p50':>9} {'ratio':>6} {'risk p99':>9} {'floor p99':>9} {'ratio':>6}"
+    )
+    for i, lat in enumerate(rounds, 1):
+        r50, r99 = _pct(lat["risk"], 50), _pct(lat["risk"], 99)
+        f50, f99 = _pct(lat["floor"], 50), _pct(lat["floor"], 99)
+        per_round.append((r50, f50, r50 / f50, r99, f99, r99 / f99))
+        print(f"{i:>5} {r50:>9.3f} {f50:>9.3f} {r50 / f50:>6.2f} {r99:>9.3f} {f99:>9.3f} {r99 / f99:>6.2f}")
+    med = [statistics.median(row[k] for row in per_round) for k in range(6)]
+    seq_rate = 1000 / statistics.fmean(x for lat in rounds for x in lat["risk"])
     rows = [
-        {"figure": "risk.check p50 (sequential)", "value": round(r50, 3), "unit": "ms",
-         "compare": f"trivial responder {f50:.3f} ms", "ratio": round(r50 / f50, 2)},
-        {"figure": "risk.check p99 (sequential)", "value": round(r99, 3), "unit": "ms",
-         "compare": f"trivial responder {f99:.3f} ms", "ratio": round(r99 / f99, 2)},
+        {"figure": f"risk.check p50 (sequential, median of {len(rounds)} rounds)", "value": round(med[0], 3),
+         "unit": "ms", "compare": f"trivial responder {med[1]:.3f} ms", "ratio": round(med[2], 2)},
+        {"figure": f"risk.check p99 (sequential, median of {len(rounds)} rounds)", "value": round(med[3], 3),
+         "unit": "ms", "compare": f"trivial responder {med[4]:.3f} ms", "ratio": round(med[5], 2)},
         {"figure": "risk.check sequential rate", "value": round(seq_rate), "unit": "checks/s",
          "compare": "one requester", "ratio": None},
         {"figure": f"risk.check throughput ({a.clients}x{a.inflight} in flight)", "value": round(thr_risk["rate"]),
@@ -305,14 +332,17 @@ def _report(
          "ratio": round(thr_risk["rate"] / thr_floor["rate"], 2)},
     ]  # fmt: skip
     print()
-    print(f"{'figure':<48} {'value':>10} {'unit':<9} {'compare':<45} {'ratio':>6}")
+    print(f"{'figure':<56} {'value':>10} {'unit':<9} {'compare':<45} {'ratio':>6}")
     for row in rows:
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
-        print(f"{row['figure']:<48} {row['value']:>10} {row['unit']:<9} {row['compare']:<45} {ratio:>6}")
+        print(f"{row['figure']:<56} {row['value']:>10} {row['unit']:<9} {row['compare']:<45} {ratio:>6}")
     print(
         f"\nthroughput errors: risk {thr_risk['errors']}, floor {thr_floor['errors']}; decisions: {decisions}"
     )
-    print(f"load average during run: {os.getloadavg()[0]:.2f} (2 vCPU; compare ratios within one run)")
+    print(
+        f"load average (1 min) before / after the run: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+        "(2 vCPU; compare ratios within one run)"
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(REPO)}")
