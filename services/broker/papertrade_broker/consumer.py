@@ -24,6 +24,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
+import psycopg
 import structlog
 import uvloop
 from nats.aio.client import Client as NATS
@@ -32,9 +33,7 @@ from nats.js.errors import FetchTimeoutError
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import bindparam, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from psycopg.rows import dict_row
 
 from papertrade import codec
 from papertrade.bus import subjects
@@ -47,8 +46,8 @@ from papertrade.messages import ExecReport, TradeUpdate
 from papertrade.money import ZERO
 from papertrade.service.logs import configure_logging
 from papertrade.timeutil import utcnow
+from papertrade_broker.hotpath import libpq_url
 from papertrade_broker.settings import BrokerSettings
-from papertrade_broker.tables import accounts, executions, orders, positions
 from papertrade_broker.views import order_view
 
 _log = structlog.get_logger("papertrade_broker.ledger")
@@ -60,6 +59,66 @@ BATCH = 256
 DRAIN_WAIT = 0.005
 #: How often the ledger process sends its metrics to the broker process (seconds).
 METRICS_EVERY = 1.0
+
+#: The batch's orders, locked in id order (two batches never deadlock).
+LOCK_ORDERS = "SELECT * FROM orders WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE"
+SEEN_EXECS = """
+SELECT exec_id, order_id FROM executions
+WHERE (exec_id, order_id) IN (SELECT * FROM unnest(%(e)s::text[], %(o)s::uuid[]))
+"""
+LOCK_POSITIONS = """
+SELECT * FROM positions
+WHERE (account_id, symbol) IN (SELECT * FROM unnest(%(a)s::uuid[], %(s)s::text[]))
+ORDER BY account_id, symbol FOR UPDATE
+"""
+COMMISSIONS = "SELECT id, commission FROM accounts WHERE id = ANY(%(a)s)"
+_EXEC_COLUMNS = (
+    "exec_id",
+    "order_id",
+    "account_id",
+    "symbol",
+    "side",
+    "qty",
+    "price",
+    "fee",
+    "liquidity",
+    "cum_qty",
+    "leaves_qty",
+    "t",
+    "recorded_at",
+)
+INSERT_EXECUTION = (
+    f"INSERT INTO executions ({', '.join(_EXEC_COLUMNS)}) "
+    f"VALUES ({', '.join(f'%({c})s' for c in _EXEC_COLUMNS)}) ON CONFLICT DO NOTHING"
+)
+UPSERT_POSITION = """
+INSERT INTO positions (account_id, symbol, qty, cost, realized_pl, updated_at)
+VALUES (%(account_id)s, %(symbol)s, %(qty)s, %(cost)s, %(realized_pl)s, %(updated_at)s)
+ON CONFLICT (account_id, symbol) DO UPDATE SET qty = EXCLUDED.qty, cost = EXCLUDED.cost,
+  realized_pl = EXCLUDED.realized_pl, updated_at = EXCLUDED.updated_at
+"""
+#: What a report changes on an order (the whole state the batch computed, by id).
+_ORDER_COLUMNS = (
+    "status",
+    "filled_qty",
+    "filled_notional",
+    "fees",
+    "reserved",
+    "updated_at",
+    "filled_at",
+    "canceled_at",
+    "expired_at",
+    "failed_at",
+    "replaced_at",
+    "replaced_by",
+    "reason",
+)
+UPDATE_ORDER = f"UPDATE orders SET {', '.join(f'{c} = %({c})s' for c in _ORDER_COLUMNS)} WHERE id = %(id)s"
+UNREPLACE = "UPDATE orders SET replaced_by = NULL WHERE id = ANY(%(ids)s) AND status <> 'replaced'"
+UPDATE_ACCOUNT = """
+UPDATE accounts SET cash = cash + %(cash)s, fees = fees + %(fees)s, realized_pl = realized_pl + %(realized)s
+WHERE id = %(id)s
+"""
 
 REPORTS = Counter("papertrade_broker_exec_reports_total", "Execution reports consumed", ["exec", "outcome"])
 BATCH_SECONDS = Histogram(
@@ -110,15 +169,12 @@ class LedgerConsumer:
         self.applied = 0
         self.ready = False
         self.stopping = threading.Event()
-        self.engine: AsyncEngine | None = None
+        self._db: psycopg.AsyncConnection[dict[str, Any]] | None = None
         self._nc: NATS | None = None
         self._commissions: dict[UUID, CommissionModel] = {}
 
     async def run(self) -> None:
         """Consume until `stopping` is set; reconnects and resubscribes on its own."""
-        self.engine = create_async_engine(
-            self.settings.database_url, pool_size=2, max_overflow=2, pool_pre_ping=True, pool_recycle=1800
-        )
         try:
             while not self.stopping.is_set():
                 try:
@@ -133,7 +189,9 @@ class LedgerConsumer:
             if self._nc is not None:
                 with contextlib.suppress(Exception):
                     await self._nc.close()
-            await self.engine.dispose()
+            if self._db is not None:
+                with contextlib.suppress(Exception):
+                    await self._db.close()
 
     async def _consume(self) -> None:
         if self._nc is None or self._nc.is_closed:
@@ -198,21 +256,14 @@ class LedgerConsumer:
     async def _apply(self, reports: Sequence[ExecReport]) -> _Batch:
         start = time.perf_counter()
         ids = {r.order_id for r in reports} | {r.new_order_id for r in reports if r.new_order_id}
-        assert self.engine is not None
-        async with self.engine.begin() as conn:
-            rows = (
-                (
-                    await conn.execute(
-                        select(orders)
-                        .where(orders.c.id.in_(list(ids)))
-                        .order_by(orders.c.id)
-                        .with_for_update()
-                    )
-                )
-                .mappings()
-                .all()
-            )
-            batch = _Batch(orders={r["id"]: dict(r) for r in rows})
+        if not reports:
+            return _Batch(orders={})
+        conn = await self._connection()
+        # One pipeline around the transaction: the reads wait for their rows, the writes and the
+        # COMMIT go out together.
+        async with conn.pipeline(), conn.transaction():
+            rows = await (await conn.execute(LOCK_ORDERS, {"ids": sorted(ids)}, prepare=True)).fetchall()
+            batch = _Batch(orders={r["id"]: r for r in rows})
             more = (
                 {
                     batch.orders[r.order_id]["replaced_by"]
@@ -223,19 +274,10 @@ class LedgerConsumer:
                 - set(batch.orders)
             )
             if more:
-                extra = (
-                    (
-                        await conn.execute(
-                            select(orders)
-                            .where(orders.c.id.in_(sorted(more)))
-                            .order_by(orders.c.id)
-                            .with_for_update()
-                        )
-                    )
-                    .mappings()
-                    .all()
-                )
-                batch.orders.update({r["id"]: dict(r) for r in extra})
+                extra = await (
+                    await conn.execute(LOCK_ORDERS, {"ids": sorted(more)}, prepare=True)
+                ).fetchall()
+                batch.orders.update({r["id"]: r for r in extra})
             fills = [
                 r for r in reports if r.exec is ExecType.FILL and r.order_id in batch.orders and r.exec_id
             ]
@@ -246,47 +288,51 @@ class LedgerConsumer:
                 if order is None:
                     REPORTS.labels(report.exec.value, "skipped").inc()
                     continue
-                await self._apply_one(batch, report, order)
+                self._apply_one(batch, report, order)
             await self._write(conn, batch)
         BATCH_SECONDS.observe(time.perf_counter() - start)
         self.applied += len(reports)
         return batch
 
+    async def _connection(self) -> psycopg.AsyncConnection[dict[str, Any]]:
+        """The ledger's own Postgres connection (plain psycopg, prepared statements), reopened if lost."""
+        if self._db is None or self._db.closed or self._db.broken:
+            if self._db is not None:
+                with contextlib.suppress(Exception):
+                    await self._db.close()
+            self._db = await psycopg.AsyncConnection.connect(
+                libpq_url(self.settings.database_url), row_factory=dict_row, autocommit=False
+            )
+        return self._db
+
     async def _load_fill_state(
-        self, conn: AsyncConnection, batch: _Batch, fills: Sequence[ExecReport]
+        self, conn: psycopg.AsyncConnection[dict[str, Any]], batch: _Batch, fills: Sequence[ExecReport]
     ) -> None:
-        keys = list({(f.exec_id, f.order_id) for f in fills})
-        existing = (
-            await conn.execute(
-                select(executions.c.exec_id, executions.c.order_id).where(
-                    tuple_(executions.c.exec_id, executions.c.order_id).in_(keys)
-                )
+        keys = sorted({(f.exec_id or "", f.order_id) for f in fills})
+        pos_keys = sorted({(batch.orders[f.order_id]["account_id"], f.symbol) for f in fills})
+        unknown = sorted({a for a, _ in pos_keys} - set(self._commissions))
+        async with conn.pipeline():
+            c_seen = await conn.execute(
+                SEEN_EXECS, {"e": [k[0] for k in keys], "o": [k[1] for k in keys]}, prepare=True
             )
-        ).all()
-        batch.seen_execs = {(r.exec_id, r.order_id) for r in existing}
-        pos_keys = list({(batch.orders[f.order_id]["account_id"], f.symbol) for f in fills})
-        prow = (
-            (
-                await conn.execute(
-                    select(positions)
-                    .where(tuple_(positions.c.account_id, positions.c.symbol).in_(pos_keys))
-                    .order_by(positions.c.account_id, positions.c.symbol)
-                    .with_for_update()
-                )
+            c_pos = await conn.execute(
+                LOCK_POSITIONS, {"a": [k[0] for k in pos_keys], "s": [k[1] for k in pos_keys]}, prepare=True
             )
-            .mappings()
-            .all()
-        )
+            c_com = await conn.execute(COMMISSIONS, {"a": unknown}, prepare=True) if unknown else None
+            batch.seen_execs = {(r["exec_id"], r["order_id"]) for r in await c_seen.fetchall()}
+            prow = await c_pos.fetchall()
+            for r in await c_com.fetchall() if c_com is not None else []:
+                self._commissions[r["id"]] = CommissionModel.parse(r["commission"])
         batch.positions = {
             (r["account_id"], r["symbol"]): PositionState(r["qty"], r["cost"], r["realized_pl"]) for r in prow
         }
 
-    async def _apply_one(self, batch: _Batch, report: ExecReport, order: dict[str, Any]) -> None:
+    def _apply_one(self, batch: _Batch, report: ExecReport, order: dict[str, Any]) -> None:
         status = OrderStatus(order["status"])
         now = utcnow()
         kind = report.exec
         if kind is ExecType.FILL:
-            await self._apply_fill(batch, report, order, now)
+            self._apply_fill(batch, report, order, now)
             return
         if kind is ExecType.ACCEPTED:
             if status not in (OrderStatus.PENDING_NEW, OrderStatus.ACCEPTED):
@@ -389,7 +435,7 @@ class LedgerConsumer:
             )
         )
 
-    async def _apply_fill(self, batch: _Batch, report: ExecReport, order: dict[str, Any], now: Any) -> None:
+    def _apply_fill(self, batch: _Batch, report: ExecReport, order: dict[str, Any], now: Any) -> None:
         assert report.exec_id is not None
         key = (report.exec_id, report.order_id)
         if key in batch.seen_execs or report.qty is None or report.price is None or report.qty <= 0:
@@ -399,7 +445,7 @@ class LedgerConsumer:
         account_id: UUID = order["account_id"]
         side = Side(order["side"])
         qty, price = report.qty, report.price
-        commission = await self._commission(account_id)
+        commission = self._commissions.get(account_id) or CommissionModel.parse(None)
         fee = commission.fill_fee(
             side,
             qty,
@@ -473,18 +519,6 @@ class LedgerConsumer:
             )
         )
 
-    async def _commission(self, account_id: UUID) -> CommissionModel:
-        model = self._commissions.get(account_id)
-        if model is None:
-            assert self.engine is not None
-            async with self.engine.connect() as conn:
-                raw = (
-                    await conn.execute(select(accounts.c.commission).where(accounts.c.id == account_id))
-                ).scalar()
-            model = CommissionModel.parse(raw)
-            self._commissions[account_id] = model
-        return model
-
     def _clear_replace(self, batch: _Batch, order: dict[str, Any]) -> None:
         """A replacement that died releases the order it was to replace."""
         old_id = order.get("replaces")
@@ -495,90 +529,44 @@ class LedgerConsumer:
         if old is not None and old["replaced_by"] == order["id"]:
             old["replaced_by"] = None
 
-    async def _write(self, conn: AsyncConnection, batch: _Batch) -> None:
-        if batch.new_execs:
-            await conn.execute(pg_insert(executions).on_conflict_do_nothing(), batch.new_execs)
-        if batch.dirty_positions:
-            now = utcnow()
-            rows = [
-                {
-                    "account_id": k[0],
-                    "symbol": k[1],
-                    "qty": batch.positions[k].qty,
-                    "cost": batch.positions[k].cost,
-                    "realized_pl": batch.positions[k].realized_pl,
-                    "updated_at": now,
-                }
-                for k in sorted(batch.dirty_positions)
-            ]
-            stmt = pg_insert(positions)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[positions.c.account_id, positions.c.symbol],
-                set_={
-                    "qty": stmt.excluded.qty,
-                    "cost": stmt.excluded.cost,
-                    "realized_pl": stmt.excluded.realized_pl,
-                    "updated_at": stmt.excluded.updated_at,
-                },
-            )
-            await conn.execute(stmt, rows)
-        if batch.dirty_orders:
-            cols = (
-                "status",
-                "filled_qty",
-                "filled_notional",
-                "fees",
-                "reserved",
-                "updated_at",
-                "filled_at",
-                "canceled_at",
-                "expired_at",
-                "failed_at",
-                "replaced_at",
-                "replaced_by",
-                "reason",
-            )
-            stmt_o = (
-                update(orders)
-                .where(orders.c.id == bindparam("_id"))
-                .values({c: bindparam(f"_{c}") for c in cols})
-            )
-            params = [
-                {"_id": oid, **{f"_{c}": batch.orders[oid][c] for c in cols}}
-                for oid in sorted(batch.dirty_orders)
-            ]
-            await conn.execute(stmt_o, params)
-        if batch.unreplace:
-            await conn.execute(
-                update(orders)
-                .where(
-                    orders.c.id.in_(sorted(batch.unreplace)), orders.c.status != OrderStatus.REPLACED.value
-                )
-                .values(replaced_by=None)
-            )
+    async def _write(self, conn: psycopg.AsyncConnection[dict[str, Any]], batch: _Batch) -> None:
+        """Every row the batch changed, in one pipeline (the COMMIT follows in the same round trip)."""
+        now = utcnow()
         account_ids = sorted(set(batch.cash) | set(batch.fees))
-        if account_ids:
-            stmt_a = (
-                update(accounts)
-                .where(accounts.c.id == bindparam("_id"))
-                .values(
-                    cash=accounts.c.cash + bindparam("_cash"),
-                    fees=accounts.c.fees + bindparam("_fees"),
-                    realized_pl=accounts.c.realized_pl + bindparam("_realized"),
-                )
-            )
-            await conn.execute(
-                stmt_a,
-                [
+        async with conn.pipeline():
+            cur = conn.cursor()
+            if batch.new_execs:
+                await cur.executemany(INSERT_EXECUTION, batch.new_execs)
+            if batch.dirty_positions:
+                rows = [
                     {
-                        "_id": a,
-                        "_cash": batch.cash.get(a, ZERO),
-                        "_fees": batch.fees.get(a, ZERO),
-                        "_realized": batch.realized.get(a, ZERO),
+                        "account_id": k[0],
+                        "symbol": k[1],
+                        "qty": batch.positions[k].qty,
+                        "cost": batch.positions[k].cost,
+                        "realized_pl": batch.positions[k].realized_pl,
+                        "updated_at": now,
                     }
-                    for a in account_ids
-                ],
-            )
+                    for k in sorted(batch.dirty_positions)
+                ]
+                await cur.executemany(UPSERT_POSITION, rows)
+            if batch.dirty_orders:
+                await cur.executemany(UPDATE_ORDER, [batch.orders[oid] for oid in sorted(batch.dirty_orders)])
+            if batch.unreplace:
+                await cur.execute(UNREPLACE, {"ids": sorted(batch.unreplace)}, prepare=True)
+            if account_ids:
+                await cur.executemany(
+                    UPDATE_ACCOUNT,
+                    [
+                        {
+                            "id": a,
+                            "cash": batch.cash.get(a, ZERO),
+                            "fees": batch.fees.get(a, ZERO),
+                            "realized": batch.realized.get(a, ZERO),
+                        }
+                        for a in account_ids
+                    ],
+                )
 
 
 class LedgerProcess:
