@@ -157,6 +157,51 @@ def test_matches_the_baseline_on_plain_limit_and_market(orders: list[tuple[int, 
         assert [list(r) for r in book.levels(side)] == want
 
 
+@pytest.mark.parametrize("name", ["pure", "native"])
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 1), st.integers(0, 40), st.integers(1, 9), st.booleans()),
+        min_size=40,
+        max_size=150,
+    )
+)
+def test_levels_open_and_close_anywhere_in_a_deep_book(
+    name: str, orders: list[tuple[int, int, int, bool]]
+) -> None:
+    """Levels opened far behind the best price (past the engine's short scan from the best end of
+    its sorted keys) and at it, emptied by cancels and by trades: the sides stay sorted and exact."""
+    book = engine_class(name)()
+    resting: dict[int, tuple[int, int, int]] = {}  # id -> (side, tick, lots), passive orders only
+    for i, (side, depth, lots, take) in enumerate(orders, 1):
+        if take and resting:  # cancel one, or trade the best level of the other side away
+            victim = sorted(resting)[depth % len(resting)]
+            if depth % 2:
+                book.cancel(victim)
+                del resting[victim]
+            else:
+                vside = resting[victim][0]
+                best = [r for r in resting.values() if r[0] == vside]
+                best_tick = max(r[1] for r in best) if vside == E.BUY else min(r[1] for r in best)
+                book.limit(i, 1 - vside, best_tick, sum(r[2] for r in best if r[1] == best_tick))
+                resting = {k: r for k, r in resting.items() if not (r[0] == vside and r[1] == best_tick)}
+        else:
+            tick = 100 - depth if side == E.BUY else 101 + depth
+            book.limit(i, side, tick, lots)
+            resting[i] = (side, tick, lots)
+        book.take_events()
+        book.check()
+    for side in (E.BUY, E.SELL):
+        rows: dict[int, list[int]] = {}
+        for s_, tick, lots in resting.values():
+            if s_ == side:
+                row = rows.setdefault(tick, [tick, 0, 0])
+                row[1] += lots
+                row[2] += 1
+        want = sorted(rows.values(), key=lambda r: -r[0] if side == E.BUY else r[0])
+        assert [list(r) for r in book.levels(side)] == want
+
+
 def _ref_order(ref: dict[int, list[list[int]]], seq: int, side: int, lots: int, tick: int | None) -> None:
     opp = ref[1 - side]
     opp.sort(key=lambda r: ((r[0] if side == 0 else -r[0]), r[1]))

@@ -225,7 +225,7 @@ class Book:
             level = levels.get(k)
             if level is None:
                 levels[k] = Level([rec], lots, 1, tick)
-                insort(keys, k)
+                _insert_key(keys, k)
             else:
                 level.q.append(rec)
                 level.total += lots
@@ -498,7 +498,7 @@ class Book:
             k = tick if first.side == BUY else -tick
             q = [book._orders[i] for i in ids]
             levels[k] = Level(q, sum(r.leaves for r in q), len(q), tick)
-            insort(keys, k)
+            _insert_key(keys, k)
         for f in data["stops"]:
             rec = Order(*f)
             book._stops[rec.oid] = rec
@@ -743,7 +743,7 @@ class Book:
         level = levels.get(k)
         if level is None:
             level = levels[k] = Level([], 0, 0, tick)
-            insort(keys, k)
+            _insert_key(keys, k)
         level.q.append(rec)
         level.total += rec.leaves
         level.count += 1
@@ -901,6 +901,23 @@ class Book:
         elif stop_tick is not None:
             return "stop_price: only stop and stop-limit orders take a stop price"
         return None
+
+
+def _insert_key(keys: list[int], k: int) -> None:
+    """Insert the new key `k` into the ascending `keys`.
+
+    New levels open near the best price, i.e. the end of `keys` (on the bench workload 55% are the
+    new best and 99% within 8 of it): scan the last 8 keys (native int comparisons when compiled)
+    and only bisect the rest when `k` lies deeper.
+    """
+    i = len(keys)
+    stop = i - 8 if i > 8 else 0
+    while i > stop and keys[i - 1] > k:
+        i -= 1
+    if i == stop and stop and keys[i - 1] > k:
+        insort(keys, k, 0, i)
+    else:
+        keys.insert(i, k)
 
 
 def _fields(r: Order) -> list[Any]:
