@@ -159,6 +159,16 @@ class _Batch:
     unreplace: set[UUID] = field(default_factory=set)
 
 
+@dataclass
+class _FillState:
+    """The reads a batch's fills need, sent and not read yet."""
+
+    asked: set[tuple[UUID, str]]
+    seen: psycopg.AsyncCursor[dict[str, Any]]
+    held: psycopg.AsyncCursor[dict[str, Any]]
+    models: psycopg.AsyncCursor[dict[str, Any]] | None
+
+
 class LedgerConsumer:
     """Books execution reports. `run()` owns its NATS connection and Postgres pool, so it can run on
     its own process (`LedgerProcess`), apart from the HTTP handlers."""
@@ -259,11 +269,19 @@ class LedgerConsumer:
         if not reports:
             return _Batch(orders={})
         conn = await self._connection()
-        # One pipeline around the transaction: the reads wait for their rows, the writes and the
-        # COMMIT go out together.
+        # One pipeline around the transaction: the locking reads go out together (one round trip),
+        # the writes and the COMMIT together (a second one).
         async with conn.pipeline(), conn.transaction():
-            rows = await (await conn.execute(LOCK_ORDERS, {"ids": sorted(ids)}, prepare=True)).fetchall()
-            batch = _Batch(orders={r["id"]: r for r in rows})
+            c_orders = await conn.execute(LOCK_ORDERS, {"ids": sorted(ids)}, prepare=True)
+            # The fill state is asked for in the same round trip, keyed by the reports' accounts (an
+            # order's own account is checked once its row is here).
+            reported = [r for r in reports if r.exec is ExecType.FILL and r.exec_id]
+            state = (
+                await self._ask_fill_state(conn, reported, {(f.account_id, f.symbol) for f in reported})
+                if reported
+                else None
+            )
+            batch = _Batch(orders={r["id"]: r for r in await c_orders.fetchall()})
             more = (
                 {
                     batch.orders[r.order_id]["replaced_by"]
@@ -278,11 +296,12 @@ class LedgerConsumer:
                     await conn.execute(LOCK_ORDERS, {"ids": sorted(more)}, prepare=True)
                 ).fetchall()
                 batch.orders.update({r["id"]: r for r in extra})
-            fills = [
-                r for r in reports if r.exec is ExecType.FILL and r.order_id in batch.orders and r.exec_id
-            ]
-            if fills:
-                await self._load_fill_state(conn, batch, fills)
+            fills = [r for r in reported if r.order_id in batch.orders]
+            if state is not None:
+                await self._read_fill_state(batch, state)
+                missing = {(batch.orders[f.order_id]["account_id"], f.symbol) for f in fills} - state.asked
+                if missing:  # a report that named another account than its order's
+                    await self._read_fill_state(batch, await self._ask_fill_state(conn, fills, missing))
             for report in reports:
                 order = batch.orders.get(report.order_id)
                 if order is None:
@@ -305,27 +324,34 @@ class LedgerConsumer:
             )
         return self._db
 
-    async def _load_fill_state(
-        self, conn: psycopg.AsyncConnection[dict[str, Any]], batch: _Batch, fills: Sequence[ExecReport]
-    ) -> None:
+    async def _ask_fill_state(
+        self,
+        conn: psycopg.AsyncConnection[dict[str, Any]],
+        fills: Sequence[ExecReport],
+        positions: set[tuple[UUID, str]],
+    ) -> _FillState:
+        """Send (pipeline) the reads fills need: executions already booked, the positions (locked),
+        and the commission models of accounts not cached yet."""
         keys = sorted({(f.exec_id or "", f.order_id) for f in fills})
-        pos_keys = sorted({(batch.orders[f.order_id]["account_id"], f.symbol) for f in fills})
+        pos_keys = sorted(positions)
         unknown = sorted({a for a, _ in pos_keys} - set(self._commissions))
-        async with conn.pipeline():
-            c_seen = await conn.execute(
-                SEEN_EXECS, {"e": [k[0] for k in keys], "o": [k[1] for k in keys]}, prepare=True
+        seen = await conn.execute(
+            SEEN_EXECS, {"e": [k[0] for k in keys], "o": [k[1] for k in keys]}, prepare=True
+        )
+        held = await conn.execute(
+            LOCK_POSITIONS, {"a": [k[0] for k in pos_keys], "s": [k[1] for k in pos_keys]}, prepare=True
+        )
+        models = await conn.execute(COMMISSIONS, {"a": unknown}, prepare=True) if unknown else None
+        return _FillState(set(positions), seen, held, models)
+
+    async def _read_fill_state(self, batch: _Batch, state: _FillState) -> None:
+        batch.seen_execs |= {(r["exec_id"], r["order_id"]) for r in await state.seen.fetchall()}
+        for r in await state.held.fetchall():
+            batch.positions[(r["account_id"], r["symbol"])] = PositionState(
+                r["qty"], r["cost"], r["realized_pl"]
             )
-            c_pos = await conn.execute(
-                LOCK_POSITIONS, {"a": [k[0] for k in pos_keys], "s": [k[1] for k in pos_keys]}, prepare=True
-            )
-            c_com = await conn.execute(COMMISSIONS, {"a": unknown}, prepare=True) if unknown else None
-            batch.seen_execs = {(r["exec_id"], r["order_id"]) for r in await c_seen.fetchall()}
-            prow = await c_pos.fetchall()
-            for r in await c_com.fetchall() if c_com is not None else []:
-                self._commissions[r["id"]] = CommissionModel.parse(r["commission"])
-        batch.positions = {
-            (r["account_id"], r["symbol"]): PositionState(r["qty"], r["cost"], r["realized_pl"]) for r in prow
-        }
+        for r in await state.models.fetchall() if state.models is not None else []:
+            self._commissions[r["id"]] = CommissionModel.parse(r["commission"])
 
     def _apply_one(self, batch: _Batch, report: ExecReport, order: dict[str, Any]) -> None:
         status = OrderStatus(order["status"])

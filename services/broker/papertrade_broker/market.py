@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from datetime import datetime
@@ -29,22 +30,30 @@ class Market:
         self._watchlist_at = -1e9
         self._sim_time: datetime | None = None
         self._sim_time_at = -1e9
+        self._watchlist_read: asyncio.Future[None] | None = None
+        self._sim_time_read: asyncio.Future[None] | None = None
 
     async def symbols(self) -> frozenset[str]:
         """The tradable symbols: the streamer's watchlist (`papertrade.keys.WATCHLIST`)."""
-        now = time.monotonic()
-        if now - self._watchlist_at > WATCHLIST_TTL:
-            raw = await self.redis.get(keys.WATCHLIST)
-            symbols: frozenset[str] = frozenset()
-            if raw:
-                try:
-                    data = orjson.loads(raw)
-                    symbols = frozenset(str(s).upper() for s in data.get("symbols", []))
-                except (orjson.JSONDecodeError, AttributeError, TypeError):
-                    symbols = frozenset()
-            self._watchlist = symbols
-            self._watchlist_at = now
+        if time.monotonic() - self._watchlist_at > WATCHLIST_TTL:
+            # One read for every request that finds the cache stale at once (not one each).
+            if self._watchlist_read is None or self._watchlist_read.done():
+                self._watchlist_read = asyncio.ensure_future(self._read_watchlist())
+            await asyncio.shield(self._watchlist_read)
         return self._watchlist
+
+    async def _read_watchlist(self) -> None:
+        now = time.monotonic()
+        raw = await self.redis.get(keys.WATCHLIST)
+        symbols: frozenset[str] = frozenset()
+        if raw:
+            try:
+                data = orjson.loads(raw)
+                symbols = frozenset(str(s).upper() for s in data.get("symbols", []))
+            except (orjson.JSONDecodeError, AttributeError, TypeError):
+                symbols = frozenset()
+        self._watchlist = symbols
+        self._watchlist_at = now
 
     def forget_symbols(self) -> None:
         self._watchlist_at = -1e9
@@ -71,18 +80,23 @@ class Market:
 
     async def sim_time(self) -> datetime | None:
         """The streamer's simulation time (`papertrade.keys.CLOCK`), cached `CLOCK_TTL`; None without one."""
-        now = time.monotonic()
-        if now - self._sim_time_at > CLOCK_TTL:
-            t: datetime | None = None
-            try:
-                raw = await self.redis.get(keys.CLOCK)
-                if raw:
-                    t = parse_time(orjson.loads(raw)["timestamp"])
-            except Exception:  # unreadable or Redis down: the caller falls back to the wall clock
-                t = None
-            self._sim_time = t
-            self._sim_time_at = now
+        if time.monotonic() - self._sim_time_at > CLOCK_TTL:
+            if self._sim_time_read is None or self._sim_time_read.done():
+                self._sim_time_read = asyncio.ensure_future(self._read_sim_time())
+            await asyncio.shield(self._sim_time_read)
         return self._sim_time
+
+    async def _read_sim_time(self) -> None:
+        now = time.monotonic()
+        t: datetime | None = None
+        try:
+            raw = await self.redis.get(keys.CLOCK)
+            if raw:
+                t = parse_time(orjson.loads(raw)["timestamp"])
+        except Exception:  # unreadable or Redis down: the caller falls back to the wall clock
+            t = None
+        self._sim_time = t
+        self._sim_time_at = now
 
     async def clock(self) -> dict[str, Any]:
         """Alpaca's clock: the streamer's (`papertrade.keys.CLOCK`), else the wall clock and NYSE calendar."""
