@@ -68,30 +68,38 @@ class _Sma:
         c = float(close)
         buf = self.buf
         buf.append(c)
-        self.n += 1
         n = len(buf)
-        if self.n % _RESUM == 0:
+        count = self.n + 1
+        self.n = count
+        fast = self.fast
+        slow = self.slow
+        if count % _RESUM == 0:
             items = list(buf)
-            self.sum_fast = math.fsum(items[-self.fast :])
-            self.sum_slow = math.fsum(items[-self.slow :])
+            sum_fast = math.fsum(items[-fast:])
+            sum_slow = math.fsum(items[-slow:])
         else:
-            self.sum_fast += c
-            self.sum_slow += c
-            if n > self.fast:
-                self.sum_fast -= buf[-1 - self.fast]
-            if n > self.slow:
-                self.sum_slow -= buf[0]
-        if n < self.slow:
+            sum_fast = self.sum_fast + c
+            sum_slow = self.sum_slow + c
+            if n > fast:
+                sum_fast -= buf[-1 - fast]
+            if n > slow:
+                sum_slow -= buf[0]
+        self.sum_fast = sum_fast
+        self.sum_slow = sum_slow
+        if n < slow:
             return 0
-        diff = self.sum_fast / self.fast - self.sum_slow / self.slow
-        sign = 1 if diff > 0 else -1 if diff < 0 else 0
-        if sign == 0:
+        diff = sum_fast / fast - sum_slow / slow
+        if diff > 0:
+            sign = 1
+        elif diff < 0:
+            sign = -1
+        else:
             return 0
         last = self.last_sign
-        self.last_sign = sign
-        if last == 0 or last == sign:
+        if last == sign:
             return 0
-        return sign
+        self.last_sign = sign
+        return 0 if last == 0 else sign
 
 
 _RESUM = 4096
