@@ -459,9 +459,9 @@ class RiskChecker:
             await reply(codec.encode(decision))
         except Exception as exc:
             _log.warning("risk reply failed", error=repr(exc))
-        # after the reply: the audit record (written by the service in batches) and the metric
-        self._record(job.account, req, decision)
-        _decision_counter(decision.decision, decision.rule or "").inc()
+        # nats-py writes the reply from its flusher task, woken by the publish: the audit record
+        # (written by the service in batches) and the metric are queued behind that write
+        asyncio.get_running_loop().call_soon(self._record, job.account, req, decision)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -493,6 +493,7 @@ class RiskChecker:
         # the loop only for the Redis call, not for encoding hundreds of records at once
         record = AuditRecord(at=time.time(), replica=self.replica, request=req, decision=decision)
         self.audit.append((account, codec.encode(record)))
+        _decision_counter(decision.decision, decision.rule or "").inc()
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
