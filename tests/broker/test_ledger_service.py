@@ -358,3 +358,27 @@ def test_admin_accounts_and_keys(broker: Broker) -> None:
     r = httpx.get(f"{broker.url}/admin/accounts", headers={"Authorization": "Bearer nope"})
     assert r.status_code == 401 and r.json()["code"] == 40110000
     assert ADMIN_TOKEN
+
+
+def test_submit_fast_path_keeps_errors_and_metrics(broker: Broker) -> None:
+    """POST /v2/orders skips FastAPI's dependency solving; its answers and route metrics stay the same."""
+    acct = broker.new_account()
+    with broker.client(acct) as c:
+        ok = c.post("/v2/orders", json={"symbol": "AAPL", "qty": "1", "side": "buy", "type": "market"})
+        assert ok.status_code == 200 and ok.json()["symbol"] == "AAPL"
+        bad_json = c.post("/v2/orders", content=b"{", headers={"Content-Type": "application/json"})
+        assert bad_json.status_code == 400 and bad_json.json()["code"] == 40010000
+        missing = c.post("/v2/orders", json={"symbol": "AAPL"})
+        assert missing.status_code == 422 and "side" in missing.json()["message"]
+        refused = c.post("/v2/orders", json={"symbol": "NOPE", "qty": "1", "side": "buy"})
+        assert refused.status_code == 422 and "not tradable" in refused.json()["message"]
+    unauthorized = httpx.post(
+        f"{broker.url}/v2/orders", json={"symbol": "AAPL", "qty": "1", "side": "buy"}, timeout=10
+    )
+    assert unauthorized.status_code == 401 and unauthorized.json()["code"] == 40110000
+    text = httpx.get(f"{broker.url}/metrics", timeout=10).text
+    assert any(
+        line.startswith("papertrade_http_requests_total{")
+        and all(label in line for label in ('method="POST"', 'route="/v2/orders"', 'status="200"'))
+        for line in text.splitlines()
+    )

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import ORJSONResponse
 from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.middleware import Middleware
 
 from papertrade.db import migrate_async
 from papertrade.service import ServiceContext, create_app
@@ -23,7 +24,7 @@ from papertrade_broker import hotpath
 from papertrade_broker.consumer import LedgerProcess
 from papertrade_broker.desk import Desk
 from papertrade_broker.market import Market
-from papertrade_broker.routes import admin, v2
+from papertrade_broker.routes import SubmitFastPath, admin, v2
 from papertrade_broker.settings import BrokerSettings
 
 NAME = "broker"
@@ -91,6 +92,8 @@ def build_app(settings: BrokerSettings | None = None) -> FastAPI:
         ),
     )
     app.add_exception_handler(DBAPIError, _database_error)
+    # Innermost of the app's middleware: inside the metrics middleware, outside the exception one.
+    app.user_middleware.append(Middleware(SubmitFastPath))
     return app
 
 
