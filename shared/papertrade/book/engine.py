@@ -206,12 +206,12 @@ class Book:
         else:
             keys = self._bid_keys
             lk = tick
-        crosses = bool(keys) and keys[-1] >= lk
-        if not crosses and tif <= GTC:
-            # the most frequent path of all: the order rests at once (inline _rest); `setdefault` is
-            # the duplicate-id check and the insertion in one dict lookup
+        orders = self._orders
+        if (not keys or keys[-1] < lk) and tif <= GTC:
+            # the most frequent path of all: the order reaches nothing and rests at once (inline
+            # _rest); `setdefault` is the duplicate-id check and the insertion in one dict lookup
             rec = Order(oid, side, tick, lots, account, 0, tif, stp, lots, LIMIT, None, False, t)
-            if self._orders.setdefault(oid, rec) is not rec:
+            if orders.setdefault(oid, rec) is not rec:
                 self.submit(oid, side, LIMIT, lots, tick, None, tif, False, stp, account, t)  # rejected
                 return
             self.events.append((EV_ACCEPTED, rec, lots))
@@ -225,18 +225,21 @@ class Book:
             level = levels.get(k)
             if level is None:
                 levels[k] = Level([rec], lots, 1, tick)
-                _insert_key(keys, k)
+                if not keys or keys[-1] < k:
+                    keys.append(k)  # the new best (the most frequent case)
+                else:
+                    _insert_key(keys, k)
             else:
                 level.q.append(rec)
                 level.total += lots
                 level.count += 1
             return
-        if oid in self._orders:
+        if oid in orders:
             self.submit(oid, side, LIMIT, lots, tick, None, tif, False, stp, account, t)  # rejected
             return
         rec = Order(oid, side, tick, lots, account, 0, tif, stp, lots, LIMIT, None, False, t)
         self.events.append((EV_ACCEPTED, rec, lots))
-        if not crosses:
+        if not keys or keys[-1] < lk:  # an IOC that reaches nothing
             self._cancel_remainder(rec, "ioc: the unfilled quantity is canceled")
             return
         q = self._match(rec, lk, lots)
