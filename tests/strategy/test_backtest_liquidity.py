@@ -104,3 +104,25 @@ def test_the_lean_replay_books_what_requoting_every_bar_books(
         )
     assert outs[0][0], "the strategy should trade"
     assert outs[0] == outs[1]
+
+
+def test_a_lone_market_order_gets_only_the_rungs_it_can_reach_then_the_rest() -> None:
+    from papertrade.backtest.liquidity import LiquiditySim, book_class
+    from papertrade.book import engine as eng
+
+    sim = LiquiditySim("AAPL", LiquidityConfig())  # 5 levels of 100 a side
+    book = book_class()()
+    sim.refresh(book, Decimal("100"), 0, only_side=eng.SELL, only_lots=150)
+    book.take_events()
+    assert [(r[0], r[1]) for r in sim.resting.values()] == [
+        (Side.SELL, Decimal("100.05")),
+        (Side.SELL, Decimal("100.10")),
+    ]
+    assert sim.half
+    sim.complete(book, 0)
+    book.take_events()
+    want = ladder(Decimal("100"), LiquidityConfig(), Decimal("0.01"), Decimal(1))
+    assert sorted((r[0], r[1], r[2]) for r in sim.resting.values()) == sorted(
+        (r.side, r.price, r.qty) for r in want
+    )
+    assert not sim.half

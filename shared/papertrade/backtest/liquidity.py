@@ -133,7 +133,7 @@ class LiquiditySim:
                 end = lo
                 need = only_lots if only_lots > 0 else -1
                 while end < hi and need != 0:
-                    need = max(need - target[end][3], 0) if need > 0 else need
+                    need = max(need - target[end][5], 0) if need > 0 else need
                     end += 1
                 chosen = target[lo:end]
                 unplaced = target[:lo] + target[end:]
