@@ -11,13 +11,15 @@ Speed matters here (see bench/bench_book.py), so the representation is deliberat
   only to its id, account and entry time (plain values given by the caller, which must not refer
   back to the book) and ints; a level to its queue of orders. (The pure-Python classes are
   unaffected: `mypyc_attr` is only a hint to the compiler.)
-- each side is a dict `key -> level` plus the ascending list of its keys, where key = tick for bids
-  and -tick for asks, so "best" is always `keys[-1]` and one matching loop serves both sides. The
-  levels near the best price come and go all the time (aggressive orders empty them, passive ones
-  open them again): dropping the best is `keys.pop()` and opening a level near it a short
-  `bisect.insort`, both far cheaper than a binary heap's sift (which showed up at ~10% of a run);
+- each side is a dict `tick -> level` plus two parallel lists in price order: the levels' sort keys
+  (key = tick for bids, -tick for asks, ascending) and the levels themselves, so "best" is always
+  the last of both and one matching loop serves both sides (it walks the level list, no dict
+  lookup). The levels near the best price come and go all the time (aggressive orders empty them,
+  passive ones open them again): dropping the best is a `pop()` and opening a level near it a short
+  scan from the end, both far cheaper than a binary heap's sifts (which showed up at ~10% of a run);
+  the dict is keyed by the resting order's own boxed tick where there is one (no re-boxing);
 - cancel is lazy: the order's leaves drop to 0 and it is skipped (and dropped) when the queue
-  reaches it; a level whose total reaches 0 stays in the keys until it surfaces at the end;
+  reaches it; a level whose total reaches 0 stays in place until it surfaces at the best end;
 - events are tuples appended to `Book.events` (the `EV_*` layouts below); turning them into
   `ExecReport`s happens outside the hot path (`papertrade.book.orderbook.to_exec_reports`).
 
@@ -26,7 +28,7 @@ Events reference the live `Order` objects, so convert them (or copy what you nee
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_right
 from typing import Any, Final, final
 
 try:
@@ -36,9 +38,6 @@ except ImportError:  # pragma: no cover  # the pure engine without the build too
     def mypyc_attr(*_args: Any, **_attrs: Any) -> Any:  # type: ignore[misc]
         return lambda cls: cls
 
-
-# a module-level Final alias compiles to a C static in mypyc (a plain import: a dict lookup per call)
-insort: Final = bisect.insort
 
 # sides
 BUY: Final = 0
@@ -159,8 +158,10 @@ class Book:
 
     __slots__ = (
         "_ask_keys",
+        "_ask_lvls",
         "_asks",
         "_bid_keys",
+        "_bid_lvls",
         "_bids",
         "_exec_no",
         "_orders",
@@ -171,10 +172,14 @@ class Book:
     )
 
     def __init__(self) -> None:
-        self._bids: dict[int, Level] = {}  # key (= tick) -> level
-        self._asks: dict[int, Level] = {}  # key (= -tick) -> level
-        self._bid_keys: list[int] = []  # ascending: the best bid last
-        self._ask_keys: list[int] = []  # ascending: the best ask last
+        # tick -> level (keys typed Any: an order's boxed tick is used as is by the compiled engine)
+        self._bids: dict[Any, Level] = {}
+        self._asks: dict[Any, Level] = {}
+        # the sort keys (bids: tick, asks: -tick), ascending, and the levels in the same order
+        self._bid_keys: list[int] = []
+        self._ask_keys: list[int] = []
+        self._bid_lvls: list[Level] = []
+        self._ask_lvls: list[Level] = []
         self._orders: dict[Any, Order] = {}  # resting orders by id
         self._stops: dict[Any, Order] = {}  # dormant stops by id, in entry order
         self._exec_no = 0
@@ -218,17 +223,22 @@ class Book:
             if side == BUY:
                 levels = self._bids
                 keys = self._bid_keys
+                lvls = self._bid_lvls
             else:
                 levels = self._asks
                 keys = self._ask_keys
-            k = -lk
-            level = levels.get(k)
+                lvls = self._ask_lvls
+            tk: Any = rec.tick  # the boxed tick, reused as the dict key
+            level = levels.get(tk)
             if level is None:
-                levels[k] = Level([rec], lots, 1, tick)
-                if not keys or keys[-1] < k:
-                    keys.append(k)  # the new best (the most frequent case)
+                level = Level([rec], lots, 1, tick)
+                levels[tk] = level
+                k = -lk
+                if not keys or keys[-1] < k:  # the new best (the most frequent case)
+                    keys.append(k)
+                    lvls.append(level)
                 else:
-                    _insert_key(keys, k)
+                    _insert_level(keys, lvls, k, level)
             else:
                 level.q.append(rec)
                 level.total += lots
@@ -329,8 +339,7 @@ class Book:
             del orders[oid]
             # inline _remove: lazy, the order stays in its queue with 0 leaves
             leaves = rec.leaves
-            tick: int = rec.tick  # type: ignore[assignment]  # resting: never None
-            level = self._bids[tick] if rec.side == BUY else self._asks[-tick]
+            level = (self._bids if rec.side == BUY else self._asks)[rec.tick]
             total = level.total - leaves
             level.total = total
             level.count -= 1
@@ -474,9 +483,8 @@ class Book:
         """
         fields = [_fields(r) for r in self._orders.values()]
         queues: list[list[Any]] = []
-        for levels in (self._bids, self._asks):
-            for k in sorted(levels, reverse=True):
-                lv = levels[k]
+        for lvls in (self._bid_lvls, self._ask_lvls):
+            for lv in reversed(lvls):  # best first
                 if lv.total:
                     queues.append([lv.tick, [r.oid for r in lv.q[lv.head :] if r.leaves]])
         return {
@@ -495,13 +503,12 @@ class Book:
             rec = Order(*f)
             book._orders[rec.oid] = rec
         for tick, ids in data["queues"]:
-            first = book._orders[ids[0]]
-            levels = book._bids if first.side == BUY else book._asks
-            keys = book._bid_keys if first.side == BUY else book._ask_keys
-            k = tick if first.side == BUY else -tick
+            buy = book._orders[ids[0]].side == BUY
             q = [book._orders[i] for i in ids]
-            levels[k] = Level(q, sum(r.leaves for r in q), len(q), tick)
-            _insert_key(keys, k)
+            level = Level(q, sum(r.leaves for r in q), len(q), tick)
+            (book._bids if buy else book._asks)[tick] = level
+            keys, lvls = (book._bid_keys, book._bid_lvls) if buy else (book._ask_keys, book._ask_lvls)
+            _insert_level(keys, lvls, tick if buy else -tick, level)
         for f in data["stops"]:
             rec = Order(*f)
             book._stops[rec.oid] = rec
@@ -535,15 +542,16 @@ class Book:
 
     def levels(self, side: int, n: int | None = None) -> list[DepthRow]:
         """The best `n` (all if None) live levels of `side`, best first."""
-        levels = self._bids if side == BUY else self._asks
-        keys = self._bid_keys if side == BUY else self._ask_keys
-        # drop emptied levels at the best end so that keys[-1] is the best live level (no semantic change)
-        while keys and not levels[keys[-1]].total:
-            del levels[keys.pop()]
-        live = [k for k in reversed(keys) if levels[k].total]
+        if side == BUY:
+            self._drop_empty_best(self._bids, self._bid_keys, self._bid_lvls)
+            lvls = self._bid_lvls
+        else:
+            self._drop_empty_best(self._asks, self._ask_keys, self._ask_lvls)
+            lvls = self._ask_lvls
+        live = [lv for lv in reversed(lvls) if lv.total]
         if n is not None:
             live = live[:n]
-        return [(levels[k].tick, levels[k].total, levels[k].count) for k in live]
+        return [(lv.tick, lv.total, lv.count) for lv in live]
 
     def depth(self, n: int | None = None) -> dict[str, list[DepthRow]]:
         """{"bids": [...], "asks": [...]} best first, as (tick, lots, orders)."""
@@ -569,9 +577,8 @@ class Book:
     def open_orders(self) -> list[dict[str, Any]]:
         """Every open order: resting ones by side and priority (best first), then dormant stops."""
         out: list[dict[str, Any]] = []
-        for levels in (self._bids, self._asks):
-            for k in sorted(levels, reverse=True):
-                lv = levels[k]
+        for lvls in (self._bid_lvls, self._ask_lvls):
+            for lv in reversed(lvls):  # best first
                 out += [_describe(r, "resting") for r in lv.q[lv.head :] if r.leaves]
         out += [_describe(r, "dormant") for r in self._stops.values()]
         return out
@@ -586,11 +593,18 @@ class Book:
 
     def check(self) -> None:
         """Assert the book's invariants (for tests): totals, counts, not crossed, index consistency."""
-        for levels, keys, side in ((self._bids, self._bid_keys, BUY), (self._asks, self._ask_keys, SELL)):
-            assert sorted(levels) == keys, "keys and levels disagree"
-            for k, lv in levels.items():
+        sides = (
+            (self._bids, self._bid_keys, self._bid_lvls, BUY),
+            (self._asks, self._ask_keys, self._ask_lvls, SELL),
+        )
+        for levels, keys, lvls, side in sides:
+            assert keys == sorted(set(keys)), "sort keys not strictly ascending"
+            assert len(keys) == len(lvls) == len(levels), "keys, level list and dict disagree"
+            for k, lv in zip(keys, lvls, strict=True):
+                assert levels[lv.tick] is lv and k == (lv.tick if side == BUY else -lv.tick)
+            for t, lv in levels.items():
                 dq, total, count, tick = lv.q[lv.head :], lv.total, lv.count, lv.tick
-                assert k == (tick if side == BUY else -tick)
+                assert t == tick
                 live = [r for r in dq if r.leaves]
                 assert total == sum(r.leaves for r in live), f"level {tick} total"
                 assert count == len(live), f"level {tick} count"
@@ -640,14 +654,17 @@ class Book:
 
     def _match(self, rec: Order, lk: int, q: int) -> int:
         """Match `rec` (q lots open) against the other side down to key `lk`; returns the lots left."""
-        levels: dict[int, Level]
+        levels: dict[Any, Level]
         keys: list[int]
+        lvls: list[Level]
         if rec.side == BUY:
             levels = self._asks
             keys = self._ask_keys
+            lvls = self._ask_lvls
         else:
             levels = self._bids
             keys = self._bid_keys
+            lvls = self._bid_lvls
         orders = self._orders
         events = self.events
         stp: int = rec.stp
@@ -661,11 +678,12 @@ class Book:
         mc: int
         while q and keys:
             k = keys[-1]
-            level = levels[k]
+            level = lvls[-1]
             total: int = level.total
             if not total:
                 keys.pop()
-                del levels[k]
+                lvls.pop()
+                del levels[level.tick]
                 continue
             if k < lk:
                 break
@@ -717,7 +735,8 @@ class Book:
             level.count = count
             if not total:
                 keys.pop()
-                del levels[k]
+                lvls.pop()
+                del levels[tick]
             elif h > 32 and h + h >= len(dq):
                 del dq[:h]
                 level.head = 0
@@ -739,24 +758,31 @@ class Book:
             k = tick
             levels = self._bids
             keys = self._bid_keys
+            lvls = self._bid_lvls
         else:
             k = -tick
             levels = self._asks
             keys = self._ask_keys
-        level = levels.get(k)
+            lvls = self._ask_lvls
+        tk: Any = rec.tick  # the boxed tick, reused as the dict key
+        level = levels.get(tk)
         if level is None:
-            level = levels[k] = Level([], 0, 0, tick)
-            _insert_key(keys, k)
+            level = Level([], 0, 0, tick)
+            levels[tk] = level
+            _insert_level(keys, lvls, k, level)
         level.q.append(rec)
         level.total += rec.leaves
         level.count += 1
         self._orders[rec.oid] = rec
 
     def _level_of(self, rec: Order) -> Level:
-        tick: int = rec.tick  # type: ignore[assignment]  # resting: never None
-        if rec.side == BUY:
-            return self._bids[tick]
-        return self._asks[-tick]
+        return (self._bids if rec.side == BUY else self._asks)[rec.tick]
+
+    def _drop_empty_best(self, levels: dict[Any, Level], keys: list[int], lvls: list[Level]) -> None:
+        """Drop emptied levels at the best end of a side, so that its last level is live (or none is)."""
+        while lvls and not lvls[-1].total:
+            keys.pop()
+            del levels[lvls.pop().tick]
 
     def _remove(self, rec: Order) -> None:
         """Take a resting order off the book (lazily: it stays in its queue with 0 leaves)."""
@@ -796,8 +822,14 @@ class Book:
 
     def _walk(self, side: int, lk: int) -> list[Level]:
         """The levels of the side opposite to `side` that `lk` reaches, best first."""
-        levels = self._asks if side == BUY else self._bids
-        return [levels[k] for k in sorted((k for k in levels if k >= lk and levels[k].total), reverse=True)]
+        keys, lvls = (self._ask_keys, self._ask_lvls) if side == BUY else (self._bid_keys, self._bid_lvls)
+        out: list[Level] = []
+        for i in range(len(keys) - 1, -1, -1):
+            if keys[i] < lk:
+                break
+            if lvls[i].total:
+                out.append(lvls[i])
+        return out
 
     def _available(self, rec: Order, lk: int, q: int) -> int:
         """Lots `rec` would fill at once (honouring self-trade prevention), capped at `q`."""
@@ -843,15 +875,16 @@ class Book:
         head order as in matching.
         """
         side = rec.side
-        levels = self._asks if side == BUY else self._bids
-        keys = self._ask_keys if side == BUY else self._bid_keys
+        if side == BUY:
+            levels, keys, lvls = self._asks, self._ask_keys, self._ask_lvls
+        else:
+            levels, keys, lvls = self._bids, self._bid_keys, self._bid_lvls
         stp = rec.stp
         while True:
-            while keys and not levels[keys[-1]].total:
-                del levels[keys.pop()]
+            self._drop_empty_best(levels, keys, lvls)
             if not keys or keys[-1] < lk:
                 break
-            level = levels[keys[-1]]
+            level = lvls[-1]
             while not level.q[level.head].leaves:
                 level.head += 1
             head = level.q[level.head]
@@ -906,8 +939,8 @@ class Book:
         return None
 
 
-def _insert_key(keys: list[int], k: int) -> None:
-    """Insert the new key `k` into the ascending `keys`.
+def _insert_level(keys: list[int], lvls: list[Level], k: int, level: Level) -> None:
+    """Insert a new level with sort key `k` into a side's ascending `keys` and its `lvls` alike.
 
     New levels open near the best price, i.e. the end of `keys` (on the bench workload 55% are the
     new best and 99% within 8 of it): scan the last 8 keys (native int comparisons when compiled)
@@ -918,9 +951,9 @@ def _insert_key(keys: list[int], k: int) -> None:
     while i > stop and keys[i - 1] > k:
         i -= 1
     if i == stop and stop and keys[i - 1] > k:
-        insort(keys, k, 0, i)
-    else:
-        keys.insert(i, k)
+        i = bisect_right(keys, k, 0, i)
+    keys.insert(i, k)
+    lvls.insert(i, level)
 
 
 def _fields(r: Order) -> list[Any]:
