@@ -136,6 +136,7 @@ async def _run(
     figures["loadavg"] = os.getloadavg()[0]
     console.print("waiting for the ledger to book every fill ...")
     figures |= await _settle(ep, durable, observer, {a["id"] for a in accounts[2:]})
+    figures |= _ledger_metrics(url)
     figures |= await _floors(ep)
     await observer.stop()
     return figures
@@ -271,6 +272,26 @@ async def _settle(ep: Endpoints, durable: str, obs: _Observer, account_ids: set[
         "fills_persisted": persisted,
         "fill_commit_p50": _pct(commit, 50),
         "fill_commit_p99": _pct(commit, 99),
+    }
+
+
+def _ledger_metrics(url: str) -> dict[str, Any]:
+    """From the broker's /metrics (whole run): ledger batches, their mean size and mean apply+commit time."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    values: dict[str, float] = {}
+    reports = 0.0
+    for line in text.splitlines():
+        if line.startswith("papertrade_broker_exec_reports_total{"):
+            reports += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("papertrade_broker_ledger_batch_seconds_"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    batches = values.get("papertrade_broker_ledger_batch_seconds_count", 0.0)
+    seconds = values.get("papertrade_broker_ledger_batch_seconds_sum", 0.0)
+    return {
+        "ledger_batches": batches,
+        "ledger_batch_size": reports / batches if batches else None,
+        "ledger_batch_ms": 1000 * seconds / batches if batches else None,
     }
 
 
@@ -561,6 +582,9 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
             None,
             None,
         ),
+        _row("ledger: batches booked (whole run)", f["ledger_batches"], "count", None, None),
+        _row("ledger: mean reports per batch", _round(f["ledger_batch_size"], 1), "reports", None, None),
+        _row("ledger: mean batch apply + commit", _round(f["ledger_batch_ms"], 2), "ms", None, None),
         _row("floor: NATS request/reply p50 (this run)", ms(f["floor_rr_p50"]), "ms", "FLOORS.md", 0.37),
         _row("floor: Postgres one-row commit p50 (this run)", ms(f["floor_pg_p50"]), "ms", "FLOORS.md", 0.54),
     ]
@@ -597,6 +621,10 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
     console.print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _row(figure: str, value: Any, unit: str, compare_name: str | None, compare_value: Any) -> dict[str, Any]:

@@ -208,19 +208,27 @@ class LedgerConsumer:
             self._nc = await connect_nats(self.settings.nats_url, "broker-ledger")
         sub = await exec_consumer(self._nc.jetstream(), self.durable)
         self.ready = True
+        ahead: asyncio.Task[list[Msg]] | None = None
         try:
             while not self.stopping.is_set():
-                # Wait for one report, then take what else is already there. (One `fetch(BATCH)` would
-                # linger until the batch is full or its timeout passes: idle-to-busy reports would wait.)
-                try:
-                    msgs = await sub.fetch(1, timeout=0.5)
-                except (FetchTimeoutError, TimeoutError):
+                msgs = await (ahead or _fetch(sub))
+                ahead = None
+                if not msgs:
                     continue
-                with contextlib.suppress(FetchTimeoutError, TimeoutError):
-                    msgs += await sub.fetch(BATCH - 1, timeout=DRAIN_WAIT)
+                # The next batch is fetched while this one is booked (batches are still applied one
+                # after the other, in order).
+                ahead = asyncio.create_task(_fetch(sub))
                 await self.handle(msgs)
         finally:
             self.ready = False
+            if ahead is not None:
+                # Fetched, not booked: handed back for redelivery (unacked, they would come back anyway).
+                ahead.cancel()
+                await asyncio.wait([ahead])
+                if not ahead.cancelled() and ahead.exception() is None:
+                    for msg in ahead.result():
+                        with contextlib.suppress(Exception):
+                            await msg.nak()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
@@ -671,6 +679,18 @@ def _ledger_main(
     except Exception as exc:  # never silent
         _log.error("ledger process crashed", error=repr(exc), exc_info=exc)
         raise
+
+
+async def _fetch(sub: Any) -> list[Msg]:
+    """Wait for one report, then take what else is already there. (One `fetch(BATCH)` would linger
+    until the batch is full or its timeout passes: idle-to-busy reports would wait.)"""
+    try:
+        msgs: list[Msg] = await sub.fetch(1, timeout=0.5)
+    except (FetchTimeoutError, TimeoutError):
+        return []
+    with contextlib.suppress(FetchTimeoutError, TimeoutError):
+        msgs += await sub.fetch(BATCH - 1, timeout=DRAIN_WAIT)
+    return msgs
 
 
 class _RelayedMetrics(Collector):

@@ -98,7 +98,7 @@ class Desk:
         self._async_init = asyncio.Lock()
         self._accounts: dict[UUID, AccountInfo] = {}
         #: Books new orders, many per transaction (`start` / `stop` with the service).
-        self.writer = hotpath.GroupCommit(pool, self._check_new)
+        self.writer = hotpath.GroupCommit(pool, self._check_new, market.prices)
 
     def start(self) -> None:
         self.writer.start()
@@ -673,10 +673,12 @@ class Desk:
         reserved_sum: Decimal,
         same_side_sum: Decimal,
         held: list[list[str]],
+        prices: Mapping[str, Decimal],
     ) -> Decimal:
-        """The group commit's check of one new order against its locked account."""
+        """The group commit's check of one new order against its locked account (`prices`: of the
+        batch's shorts, read once per batch)."""
         return await self._needed_buying_power(
-            acct, spec, ref_price, ZERO, cash, reserved_sum, same_side_sum, held
+            acct, spec, ref_price, ZERO, cash, reserved_sum, same_side_sum, held, prices
         )
 
     async def _persist_replace(
@@ -806,6 +808,7 @@ class Desk:
         reserved_sum: Any,
         same_side_sum: Any,
         held_json: Any,
+        short_prices: Mapping[str, Decimal] | None = None,
     ) -> Decimal:
         """Check the order fits what the locked account row says; returns the buying power it reserves."""
         reserved_total, open_same_side = Decimal(reserved_sum), Decimal(same_side_sum)
@@ -831,7 +834,10 @@ class Desk:
                 f"insufficient buying power: no price is known for {spec.symbol} to size a market order"
             )
         shorts = {s: q for s, q in held.items() if q < 0}
-        prices = await self.market.prices(shorts) if shorts else {}
+        if short_prices is not None:
+            prices = {s: short_prices[s] for s in shorts if s in short_prices}
+        else:
+            prices = await self.market.prices(shorts) if shorts else {}
         _, short_mv = market_values((q, prices.get(s, ZERO)) for s, q in shorts.items())
         available_bp = buying_power(Decimal(cash), short_mv, reserved_total - released)
         if needed > available_bp:

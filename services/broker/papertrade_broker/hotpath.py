@@ -95,10 +95,15 @@ class NewOrder(Generic[_A, _S]):
     )
 
 
-#: `check(account, spec, reference price, cash, reserved, open same side, held)` -> the buying power
-#: the order reserves, or raises (an ApiError) to refuse it; `held` is [[symbol, qty text], ...]: the
-#: account's position in the order's symbol and its shorts.
-Check = Callable[[Any, Any, Decimal, Decimal, Decimal, Decimal, list[list[str]]], Awaitable[Decimal]]
+#: `check(account, spec, reference price, cash, reserved, open same side, held, prices)` -> the buying
+#: power the order reserves, or raises (an ApiError) to refuse it; `held` is [[symbol, qty text], ...]:
+#: the account's position in the order's symbol and its shorts; `prices` the latest prices of the
+#: batch's short symbols.
+Check = Callable[
+    [Any, Any, Decimal, Decimal, Decimal, Decimal, list[list[str]], Mapping[str, Decimal]], Awaitable[Decimal]
+]
+#: `prices(symbols)` -> the latest price of each symbol that has one.
+Prices = Callable[[Sequence[str]], Awaitable[dict[str, Decimal]]]
 
 
 class GroupCommit:
@@ -106,10 +111,15 @@ class GroupCommit:
     its client_order_id is taken), or raises what refused it."""
 
     def __init__(
-        self, pool: AsyncConnectionPool[AsyncConnection[dict[str, Any]]], check: Check, workers: int = 1
+        self,
+        pool: AsyncConnectionPool[AsyncConnection[dict[str, Any]]],
+        check: Check,
+        prices: Prices,
+        workers: int = 1,
     ) -> None:
         self.pool = pool
         self.check = check
+        self.prices = prices
         self.workers = workers
         self._queue: asyncio.Queue[NewOrder[Any, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -181,6 +191,9 @@ class GroupCommit:
                 held: dict[UUID, list[list[str]]] = {}
                 for r in await c_held.fetchall():
                     held.setdefault(r["account_id"], []).append([r["symbol"], r["qty"]])
+                # Short positions count at market value: their prices, read once for the batch.
+                shorts = sorted({h[0] for rows_ in held.values() for h in rows_ if h[1].startswith("-")})
+                prices = await self.prices(shorts) if shorts else {}
                 coids: set[tuple[UUID, str]] = set()
                 for item in batch:
                     key = (item.account_id, item.values["client_order_id"])
@@ -204,6 +217,7 @@ class GroupCommit:
                                 for h in held.get(item.account_id, [])
                                 if h[0] == item.symbol or h[1][0] == "-"
                             ],
+                            prices,
                         )
                     except Exception as exc:
                         refused.append((item, exc))
