@@ -49,6 +49,10 @@ class FillResult:
     fee: Decimal
 
 
+#: the state of a symbol never traded (immutable, so one instance serves every lookup)
+_FLAT = PositionState()
+
+
 def apply_fill(pos: PositionState, side: Side, qty: Decimal, price: Decimal) -> tuple[PositionState, Decimal]:
     """The position after a fill of `qty` (> 0) at `price` on `side`, and the P&L it realises."""
     if qty <= 0:
@@ -141,7 +145,8 @@ class Ledger:
             self.starting_cash = self.cash
 
     def position(self, symbol: str) -> PositionState:
-        return self.positions.get(symbol, PositionState())
+        pos = self.positions.get(symbol)
+        return _FLAT if pos is None else pos
 
     def fill(
         self,
