@@ -15,6 +15,12 @@ floor of `/work/shared/bench/floors/bench_nats.py`), both on uvloop. Then:
 - throughput: `--clients` requester processes with `--inflight` concurrent requests each, for
   `--seconds`, against risk, then against the floor (target: >= 10,000 checks/s for one replica).
 
+`compare --build old=/tmp/old/services/risk --build new=services/risk` measures builds side by side
+instead (latency only): each build's risk process (its directory first on PYTHONPATH, e.g. a `git
+archive` of an older commit) on a private nats-server with its own trivial responder, blocks of
+requests alternating over all of them, so a difference between builds is not the machine's load
+changing between two runs.
+
 Checks are real: 200 accounts with limits on every rule (qty, notional, position, gross exposure,
 daily loss, rate, collar, symbols), a mark in Redis, orders that pass; each approval reserves open
 exposure through the Lua compare-and-set. Prints a table and writes bench/results/risk.json.
@@ -47,7 +53,8 @@ FLOOR_REPLY = b'{"decision":"approve","qty":null,"notional":null,"reason":null,"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", nargs="?", default="run", choices=["run", "responder", "load"])
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "compare", "responder", "load"])
+    ap.add_argument("--build", action="append", default=[], help="compare: LABEL=services/risk directory")
     ap.add_argument("--url", default="")
     ap.add_argument("--subject", default="")
     ap.add_argument("--runs", type=int, default=5, help="latency rounds (the ratios' median is reported)")
@@ -62,6 +69,8 @@ def main() -> None:
         asyncio.run(_responder(a.url))
     elif a.mode == "load":
         print(json.dumps(asyncio.run(_load(a.url, a.subject, a.seconds, a.inflight))), flush=True)
+    elif a.mode == "compare":
+        compare(a)
     else:
         run(a)
 
@@ -111,6 +120,111 @@ def run(a: argparse.Namespace) -> None:
             except subprocess.TimeoutExpired:
                 floor.kill()
     _report(lat, thr_risk, thr_floor, decisions, a, load_before)
+
+
+def compare(a: argparse.Namespace) -> None:
+    from contextlib import ExitStack
+
+    from papertrade.stack.infra import Infra
+    from papertrade.stack.launch import service_env, service_url, start_service, wait_ready
+    from papertrade.stack.procs import free_port
+    from papertrade.stack.services import spec
+
+    builds = dict(b.split("=", 1) for b in a.build)
+    if not builds:
+        raise SystemExit("compare needs --build LABEL=DIR at least once")
+    infra_env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
+    s = spec("risk")
+    with tempfile.TemporaryDirectory(prefix="bench-risk-") as tmp, ExitStack() as stack:
+        targets: list[tuple[str, str, str, str, str]] = []  # label, nats url, subject, risk url, redis url
+        for label, path in builds.items():
+            ep = stack.enter_context(Infra(Path(tmp) / label, env=infra_env))
+            env = service_env(
+                s,
+                {**ep.env(), "PAPERTRADE_ADMIN_TOKEN": "bench", "LOG_LEVEL": "WARNING",
+                 "PYTHONPATH": str(Path(path).resolve())},
+                {"risk": free_port()},
+            )  # fmt: skip
+            risk = start_service(s, env, Path(tmp) / f"logs-{label}")
+            stack.callback(risk.stop)
+            floor = subprocess.Popen(
+                [sys.executable, __file__, "responder", "--url", ep.nats_url],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            stack.callback(_stop_responder, floor)
+            url = service_url(s, env)
+            wait_ready(risk, url)
+            assert floor.stdout is not None and floor.stdout.readline().strip() == "READY"
+            targets += [
+                (label, ep.nats_url, "risk.check", url, ep.redis_url),
+                (f"{label} floor", ep.nats_url, FLOOR_SUBJECT, url, ep.redis_url),
+            ]
+        load_before = os.getloadavg()[0]
+        rounds = asyncio.run(_compare_latency(targets, a.n, a.runs))
+    print(
+        f"\n{a.runs} rounds of {a.n} sequential requests per target, blocks of 500 alternating over all targets"
+    )
+    print(f"{'target':<24} {'p50 ms':>8} {'p99 ms':>8}   (medians over rounds)")
+    med = {
+        label: (statistics.median(_pct(r[label], 50) for r in rounds), statistics.median(_pct(r[label], 99) for r in rounds))
+        for label in rounds[0]
+    }  # fmt: skip
+    for label, (p50, p99) in med.items():
+        print(f"{label:<24} {p50:>8.3f} {p99:>8.3f}")
+    for label in builds:
+        r50 = statistics.median(_pct(r[label], 50) / _pct(r[f"{label} floor"], 50) for r in rounds)
+        r99 = statistics.median(_pct(r[label], 99) / _pct(r[f"{label} floor"], 99) for r in rounds)
+        print(f"{label:<24} ratio to its floor (median of rounds): p50 {r50:.2f}  p99 {r99:.2f}")
+    print(f"load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
+
+
+async def _compare_latency(
+    targets: list[tuple[str, str, str, str, str]], n: int, runs: int
+) -> list[dict[str, list[float]]]:
+    import nats
+
+    conns: dict[str, Any] = {}
+    bodies: dict[str, list[bytes]] = {}
+    for _, nats_url, _, risk_url, redis_url in targets:
+        if nats_url not in conns:
+            conns[nats_url] = await nats.connect(nats_url)
+            # each build its own accounts (builds may share one Redis)
+            bodies[nats_url] = _bodies(await _setup(risk_url, redis_url), 1000 + n * runs)
+    for _, nats_url, subject, _, _ in targets:
+        for body in bodies[nats_url][:1000]:
+            await conns[nats_url].request(subject, body, timeout=5)
+    block = 500
+    rounds = []
+    for r in range(runs):
+        samples: dict[str, list[float]] = {t[0]: [] for t in targets}
+        first = 1000 + r * n
+        for start in range(first, first + n, block):
+            for label, nats_url, subject, _, _ in targets:
+                nc, out = conns[nats_url], samples[label]
+                for body in bodies[nats_url][start : min(start + block, first + n)]:
+                    t0 = time.perf_counter_ns()
+                    await nc.request(subject, body, timeout=5)
+                    out.append((time.perf_counter_ns() - t0) / 1e6)
+        rounds.append(samples)
+        print(
+            f"round {r + 1}: "
+            + "  ".join(f"{k} {_pct(v, 50):.3f}/{_pct(v, 99):.3f}" for k, v in samples.items()),
+            flush=True,
+        )
+    for nc in conns.values():
+        await nc.close()
+    return rounds
+
+
+def _stop_responder(proc: subprocess.Popen[str]) -> None:
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 # --- setup ------------------------------------------------------------------------------------------
