@@ -205,3 +205,22 @@ def _released(broker: Broker, account_id: str) -> list[Any]:
 
 def _last_t(broker: Broker, acct: dict[str, Any]) -> datetime:
     return next(q.t for q in reversed(broker.exchange.risk_requests) if str(q.account_id) == acct["id"])
+
+
+def test_buying_power_holds_under_concurrent_submits(broker: Broker) -> None:
+    """20 resting buys at once against cash for 10: exactly 10 are accepted, never an 11th."""
+    acct = broker.new_account(cash="1000")
+    body = {"symbol": "MSFT", "qty": "1", "side": "buy", "type": "limit", "time_in_force": "gtc"}
+    body["limit_price"] = "100"  # below MSFT's 200: rests, holding 100 of buying power
+
+    def submit(_: int) -> Any:
+        with broker.client(acct) as c:
+            return c.post("/v2/orders", json=body)
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(submit, range(20)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [200] * 10 + [403] * 10, [a.text for a in answers if a.status_code not in (200, 403)]
+    assert all("insufficient buying power" in a.json()["message"] for a in answers if a.status_code == 403)
+    with broker.client(acct) as c:
+        assert Decimal(c.get("/v2/account").json()["buying_power"]) == 0

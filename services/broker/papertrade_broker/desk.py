@@ -22,7 +22,7 @@ import structlog
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from psycopg_pool import AsyncConnectionPool
-from sqlalchemy import Text, and_, cast, func, insert, or_, select, update
+from sqlalchemy import Text, and_, cast, func, insert, or_, select, text, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -786,7 +786,12 @@ class Desk:
             )
             .scalar_subquery()
         )
-        # One round trip: lock the account row, read what open orders hold and the positions that matter.
+        # Serialized with the account's submits (the group commit's advisory lock), then one round trip:
+        # lock the account row, read what open orders hold and the positions that matter.
+        await conn.execute(
+            text(f"SELECT pg_advisory_xact_lock({hotpath.LOCK_NAMESPACE}, :k)"),
+            {"k": hotpath.account_lock_key(acct.id)},
+        )
         row = (
             await conn.execute(
                 select(accounts.c.cash, reserved_q, same_q, held_q)

@@ -2,8 +2,9 @@
 
 SQLAlchemy (Core, async) stays the schema's and Alembic's, and serves the rarer routes. New orders
 are written by `GroupCommit`: the submits that arrive while a transaction is in flight wait for the
-next one, and one transaction books them all in two round trips (pipeline mode: BEGIN, lock their
-accounts, read what open orders hold and the positions that matter; then the INSERTs and COMMIT).
+next one, and one transaction books them all in two round trips (pipeline mode: BEGIN, take their
+accounts' advisory locks, read what open orders hold and the positions that matter in one statement;
+then the INSERTs and COMMIT).
 Each submit is answered after the commit that holds its order.
 """
 
@@ -56,21 +57,31 @@ INSERT_ORDER = f"INSERT INTO orders ({', '.join(_COLUMNS)}) VALUES ({', '.join(f
 #: The same, a taken client_order_id answering no row instead of failing the transaction.
 INSERT_ORDER_NEW = INSERT_ORDER.replace(" RETURNING *", " ON CONFLICT DO NOTHING RETURNING *")
 
-#: One batch: lock its accounts (in id order: no deadlock between batches), then, in the same
-#: pipeline and so after the locks are held, what their open orders hold and the positions that matter.
-LOCK_ACCOUNTS = "SELECT id, cash FROM accounts WHERE id = ANY(%(a)s) ORDER BY id FOR UPDATE"
-OPEN_RESERVED = f"""
-SELECT account_id, sum(reserved) AS reserved FROM orders
-WHERE account_id = ANY(%(a)s) AND status IN {_OPEN_SQL} GROUP BY account_id
-"""
-OPEN_SAME_SIDE = f"""
-SELECT account_id, symbol, side, sum(qty - filled_qty) AS open_qty FROM orders
-WHERE account_id = ANY(%(a)s) AND status IN {_OPEN_SQL} AND symbol = ANY(%(s)s) AND qty IS NOT NULL
-GROUP BY account_id, symbol, side
-"""
-HELD = """
-SELECT account_id, symbol, qty::text AS qty FROM positions
-WHERE account_id = ANY(%(a)s) AND (symbol = ANY(%(s)s) OR qty < 0)
+#: Submits (and replaces) of one account are serialized by a transaction-level advisory lock keyed
+#: by the account (`account_lock_key`), not by locking the account's row: the ledger's cash updates
+#: of that row then never wait for a submit batch, nor a batch for a ledger commit. Keys are taken in
+#: ascending order (no deadlock between batches or broker processes).
+LOCK_NAMESPACE = 0x42524B52  # "BRKR": the broker's advisory lock space (the two-key form)
+LOCK_ACCOUNTS = (
+    f"SELECT count(pg_advisory_xact_lock({LOCK_NAMESPACE}, k)) "
+    "FROM (SELECT k FROM unnest(%(k)s::int[]) AS k ORDER BY k) AS s"
+)
+#: What the batch's accounts hold, in ONE statement (one snapshot, taken after the locks: the ledger
+#: commits cash, positions and order holdings together, so any snapshot is consistent): cash, what
+#: open orders reserve, the open quantity per symbol and side of the batch's symbols, and the
+#: positions that matter (the batch's symbols, and every short).
+ACCOUNT_STATE = f"""
+SELECT a.id, a.cash,
+  (SELECT coalesce(sum(o.reserved), 0) FROM orders o
+    WHERE o.account_id = a.id AND o.status IN {_OPEN_SQL}) AS reserved,
+  (SELECT json_agg(json_build_array(q.symbol, q.side, q.open_qty::text)) FROM (
+    SELECT o.symbol, o.side, sum(o.qty - o.filled_qty) AS open_qty FROM orders o
+    WHERE o.account_id = a.id AND o.status IN {_OPEN_SQL} AND o.symbol = ANY(%(s)s)
+      AND o.qty IS NOT NULL
+    GROUP BY o.symbol, o.side) q) AS same_side,
+  (SELECT json_agg(json_build_array(p.symbol, p.qty::text)) FROM positions p
+    WHERE p.account_id = a.id AND (p.symbol = ANY(%(s)s) OR p.qty < 0)) AS held
+FROM accounts a WHERE a.id = ANY(%(a)s)
 """
 #: The most new orders one transaction books.
 MAX_BATCH = 256
@@ -170,27 +181,28 @@ class GroupCommit:
 
     async def _book(self, batch: Sequence[NewOrder[Any, Any]]) -> None:
         ids = sorted({b.account_id for b in batch})
-        params = {"a": ids, "s": sorted({b.symbol for b in batch})}
+        keys = sorted({account_lock_key(a) for a in ids})
+        params = {"k": keys, "a": ids, "s": sorted({b.symbol for b in batch})}
         rows: list[NewOrder[Any, Any]] = []
         refused: list[tuple[NewOrder[Any, Any], BaseException]] = []
         duplicate: list[NewOrder[Any, Any]] = []
         cur = None
         async with self.pool.connection() as conn:
-            # One pipeline: BEGIN + the reads (one round trip), the checks here, then the INSERTs +
-            # COMMIT (a second round trip, at the end of the block; rows are read after it).
+            # One pipeline: BEGIN + the account locks + the read (one round trip), the checks here,
+            # then the INSERTs + COMMIT (a second round trip, at the end of the block).
             async with conn.pipeline(), conn.transaction():
-                c_acc = await conn.execute(LOCK_ACCOUNTS, params, prepare=True)
-                c_res = await conn.execute(OPEN_RESERVED, params, prepare=True)
-                c_same = await conn.execute(OPEN_SAME_SIDE, params, prepare=True)
-                c_held = await conn.execute(HELD, params, prepare=True)
-                cash = {r["id"]: r["cash"] for r in await c_acc.fetchall()}
-                reserved = {r["account_id"]: r["reserved"] for r in await c_res.fetchall()}
-                same = {
-                    (r["account_id"], r["symbol"], r["side"]): r["open_qty"] for r in await c_same.fetchall()
-                }
+                await conn.execute(LOCK_ACCOUNTS, params, prepare=True)
+                c_state = await conn.execute(ACCOUNT_STATE, params, prepare=True)
+                cash: dict[UUID, Decimal] = {}
+                reserved: dict[UUID, Decimal] = {}
+                same: dict[tuple[UUID, str, str], Decimal] = {}
                 held: dict[UUID, list[list[str]]] = {}
-                for r in await c_held.fetchall():
-                    held.setdefault(r["account_id"], []).append([r["symbol"], r["qty"]])
+                for r in await c_state.fetchall():
+                    cash[r["id"]] = r["cash"]
+                    reserved[r["id"]] = r["reserved"]
+                    for symbol, side, open_qty in r["same_side"] or []:
+                        same[(r["id"], symbol, side)] = Decimal(open_qty)
+                    held[r["id"]] = [[symbol, qty] for symbol, qty in r["held"] or []]
                 # Short positions count at market value: their prices, read once for the batch.
                 shorts = sorted({h[0] for rows_ in held.values() for h in rows_ if h[1].startswith("-")})
                 prices = await self.prices(shorts) if shorts else {}
@@ -258,6 +270,11 @@ def _settle(
         item.done.set_exception(exc)
     else:
         item.done.set_result(row)
+
+
+def account_lock_key(account_id: UUID) -> int:
+    """The second key of an account's advisory lock (`LOCK_NAMESPACE` is the first): 32 bits of its id."""
+    return (account_id.int & 0xFFFFFFFF) - (1 << 31)
 
 
 def libpq_url(database_url: str) -> str:
