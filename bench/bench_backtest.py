@@ -9,9 +9,11 @@
 - Ours: `papertrade.backtest.Backtester` with the shipped `SmaCross` sample (fast 10, slow 30, 100
   shares: buy when flat and crossing up, sell the position when crossing down), every order through
   the broker checks, the real matching engine (`papertrade.book.engine.Book`) against the orderbook's
-  synthetic liquidity model (`papertrade.book.liquidity`), and the real ledger
+  synthetic liquidity model (`papertrade.book.liquidity`; its ladder in integer ticks where that is
+  exact, `papertrade.backtest.liquidity.TickLadder`), and the real ledger
   (`papertrade.ledger.Ledger`); bars/s = bars / `run()` (which includes turning the numpy columns
-  into `Bar` structs with exact Decimals). Best of `--runs`, median printed too, wall and CPU time.
+  into `Bar` structs with exact Decimals). Best of `--runs` and median, wall and CPU time (on a
+  shared machine the wall figures follow the other processes' load; compare same-run ratios).
 - backtrader: the same strategy (`bt.ind.CrossOver(SMA10, SMA30)`, buy 100 / close), Cerebro's
   defaults (runonce, preload), cash 10,000,000, in a fresh process, timed around `cerebro.run()`.
 - Floor: the pure-Python incremental SMA crossover loop of FLOORS.md (no broker, no fills).
@@ -168,6 +170,7 @@ def main() -> None:
     best = max(runs, key=lambda r: a.bars / r["wall_s"])
     ours_wall = a.bars / best["wall_s"]
     ours_cpu = max(a.bars / r["cpu_s"] for r in runs)
+    cpu_median = statistics.median(a.bars / r["cpu_s"] for r in runs)
     median = statistics.median(a.bars / r["wall_s"] for r in runs)
     bt_best = max(bt_runs, key=lambda r: a.bars / r["wall_s"])
     bt_wall = a.bars / bt_best["wall_s"]
@@ -193,6 +196,14 @@ def main() -> None:
             "unit": "bars/s",
             "compare": "target 300,000",
             "ratio": round(ours_cpu / 300_000, 3),
+        },
+        {
+            # on a shared machine wall time follows the neighbours' load; CPU time much less so
+            "figure": "backtest SMA crossover, bars/s (CPU time, median)",
+            "value": round(cpu_median),
+            "unit": "bars/s",
+            "compare": "target 300,000",
+            "ratio": round(cpu_median / 300_000, 3),
         },
         {
             "figure": "backtrader same bars and strategy, bars/s (wall)",
@@ -228,7 +239,8 @@ def main() -> None:
     for f in figures:
         print(f"{f['figure']:<{width}}  {f['value']:>12,} {f['unit']:<7} {f['compare']:<32} {f['ratio']}")
     print(
-        f"ours: {len(runs)} runs {[round(a.bars / r['wall_s']) for r in runs]}; final equity {best['final_equity']}"
+        f"ours: {len(runs)} runs, wall {[round(a.bars / r['wall_s']) for r in runs]}, "
+        f"CPU {[round(a.bars / r['cpu_s']) for r in runs]}; final equity {best['final_equity']}"
     )
     print(f"backtrader {bt_best.get('backtrader')}: final value {bt_best['final_value']}")
     out = HERE / "results" / "backtest.json"

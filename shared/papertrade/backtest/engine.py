@@ -490,7 +490,12 @@ class BacktestContext:
                 if half and order.qty is not None and order.notional is None
                 else 0
             )
-            self.requote(symbol, ref, maker_only=True, only_side=only, only_lots=lots)
+            # requote(symbol, ref, maker_only=True, ...), inline: this runs for most orders
+            self.stale[symbol] = None
+            self.liquidity[symbol].refresh(book, ref, self.t_ns, only, lots)
+            book.take_events()
+            if not self.working[symbol]:
+                self._maybe_withdraw(symbol)
         if verb == "cancel":
             if eid in self.open:
                 book.cancel(eid, "canceled", _BT)
@@ -523,7 +528,8 @@ class BacktestContext:
                     int(order.notional / (tick * inst.lot)) if order.notional is not None else None,
                 )
         self._apply(symbol, book.take_events())
-        self._maybe_withdraw(symbol)
+        if not self.working[symbol]:
+            self._maybe_withdraw(symbol)
         if half:
             sim = self.liquidity[symbol]
             if sim.half:  # not withdrawn: the other side is part of the maker's ladder from now on
