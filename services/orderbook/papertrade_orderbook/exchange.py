@@ -12,7 +12,13 @@ How it stays exact across a crash (SIGKILL included):
   reads the last report already in EX_EXEC for that symbol; replayed reports at or below it are not
   published again. Every report also carries `Nats-Msg-Id: <symbol>:<seq>`, so JetStream drops a
   duplicate within its window as a second line of defence.
-- Public prints, quotes and the Redis last trade are only published for live commands.
+- Reports are published pipelined (`publish_async`, in stream order on one connection) and their acks
+  awaited together once the consumer has no more commands queued, or every `_ACK_BATCH` reports
+  (`_flush`). A report whose ack failed is published again, then every report after it, one by one
+  in order (ids make the repeats harmless). A snapshot is only written after the flush, so it never
+  covers a command whose reports are not stored.
+- Public prints, quotes and the Redis last trade are only published for live commands; the quote and
+  the last trade once per flush for each book that changed (the latest state, not every step).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from papertrade import calendar, keys
 from papertrade.accounts import LIQUIDITY_ACCOUNT_ID
@@ -50,6 +56,12 @@ from papertrade.service import ServiceContext
 from papertrade.symbols import normalize_symbol, symbol_from_token
 from papertrade.timeutil import iso
 from papertrade_orderbook.settings import OrderbookSettings
+
+#: await the acks of the pipelined reports at least every this many reports
+_ACK_BATCH = 512
+#: seconds to wait for the acks of one flush before publishing the unacknowledged reports again
+_ACK_TIMEOUT = 5.0
+_RETRYABLE = (NatsTimeoutError, NoRespondersError, NoStreamResponseError, ConnectionClosedError, TimeoutError)
 
 LIQUIDITY_KEY_PREFIX = "pt:ob:liquidity:"
 #: Redis key of the books' snapshot (owned by the orderbook): {"stream_seq", "stream_created", "books", ...}
@@ -104,6 +116,12 @@ class Exchange:
         self._agent_locks: dict[str, asyncio.Lock] = {}
         self._tops: dict[str, Any] = {}
         self._js: JetStreamContext | None = None
+        self._cmd_sub: Any = None
+        #: reports published and not yet acknowledged, in publish order: (ack, subject, body, headers)
+        self._inflight: list[tuple[asyncio.Future[Any], str, bytes, dict[str, str]]] = []
+        #: live books whose quote / last trade are to be published at the next flush
+        self._changed: dict[str, OrderBook] = {}
+        self._traded: set[str] = set()
         self._snapshot_seq = 0
         self._stream_created = ""
 
@@ -122,7 +140,7 @@ class Exchange:
         self.log.info("replaying commands", from_seq=start, up_to_seq=self.replay_until)
         if self.replay_until < start:
             await self._replay_done()
-        await js.subscribe(
+        self._cmd_sub = await js.subscribe(
             subjects.EX_CMD_ALL,
             cb=self._on_command,
             ordered_consumer=True,
@@ -136,6 +154,7 @@ class Exchange:
     async def save_snapshot(self) -> None:
         """Every book and the exchange's own state at `processed_seq`, to Redis (a restart replays
         only the commands after it). Failures are logged: the stream alone is always enough."""
+        await self._flush()
         seq = self.processed_seq
         if seq <= self._snapshot_seq:
             return
@@ -195,6 +214,12 @@ class Exchange:
         except Exception as exc:  # one bad command must never stop the book
             self.log.error("command failed", subject=msg.subject, seq=seq, error=repr(exc), exc_info=exc)
         self.processed_seq = seq
+        sub = self._cmd_sub
+        if len(self._inflight) >= _ACK_BATCH or sub is None or not sub.pending_msgs:
+            try:
+                await self._flush()
+            except Exception as exc:
+                self.log.error("report publishing failed", seq=seq, error=repr(exc), exc_info=exc)
         if not self.ready.is_set() and seq >= self.replay_until:
             await self._replay_done()
         every = self.settings.snapshot_every
@@ -290,10 +315,19 @@ class Exchange:
         if reports:
             last = await self._last_published_seq(symbol)
             subject = subjects.ex_exec(symbol)
+            js = self._js
+            assert js is not None
             for report in reports:
                 if report.seq <= last:
                     continue
-                await self._js_publish(subject, encode(report), {"Nats-Msg-Id": f"{symbol}:{report.seq}"})
+                data = encode(report)
+                headers = {"Nats-Msg-Id": f"{symbol}:{report.seq}"}
+                try:
+                    ack = await js.publish_async(subject, data, headers=headers)
+                except _RETRYABLE:
+                    ack = asyncio.get_running_loop().create_future()
+                    ack.set_exception(ConnectionClosedError())
+                self._inflight.append((ack, subject, data, headers))
                 last = report.seq
             self._last_published[symbol] = last
         if book is None:
@@ -305,8 +339,34 @@ class Exchange:
         for p in prints:
             await nc.publish(subjects.ex_trade(symbol), encode(p))
         if prints:
-            await self._write_last_trade(book)
-        await self._publish_quote(book)
+            self._traded.add(symbol)
+        self._changed[symbol] = book
+
+    async def _flush(self) -> None:
+        """Wait for the acks of the reports in flight (re-publishing, in order, from the first that
+        failed), then publish the quote and last trade of every book changed since the last flush."""
+        inflight, self._inflight = self._inflight, []
+        if inflight:
+            acks = [a for a, _, _, _ in inflight]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*acks, return_exceptions=True), _ACK_TIMEOUT)
+            first_bad = next(
+                (i for i, a in enumerate(acks) if not a.done() or a.cancelled() or a.exception()), None
+            )
+            if first_bad is not None:
+                for a in acks[first_bad:]:
+                    if not a.done():
+                        a.cancel()
+                    elif not a.cancelled():
+                        a.exception()  # retrieved: no "never retrieved" warning
+                for _, subject, data, headers in inflight[first_bad:]:
+                    await self._js_publish(subject, data, headers)
+        changed, self._changed = self._changed, {}
+        traded, self._traded = self._traded, set()
+        for symbol, book in changed.items():
+            if symbol in traded:
+                await self._write_last_trade(book)
+            await self._publish_quote(book)
 
     async def _last_published_seq(self, symbol: str) -> int:
         last = self._last_published.get(symbol)
@@ -330,7 +390,7 @@ class Exchange:
                 assert js is not None
                 ack = await js.publish(subject, data, timeout=5, headers=headers)
                 return int(ack.seq)
-            except (NatsTimeoutError, NoRespondersError, ConnectionClosedError, TimeoutError) as exc:
+            except _RETRYABLE as exc:
                 if self.ctx.stopping.is_set():
                     raise
                 self.log.warning("jetstream publish failed, retrying", subject=subject, error=repr(exc))
