@@ -14,7 +14,7 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
-import queue
+import pickle
 import signal
 import threading
 import time
@@ -614,10 +614,11 @@ class LedgerProcess:
 
     def __init__(self, settings: BrokerSettings, durable: str = DURABLE) -> None:
         mp = multiprocessing.get_context("spawn")
-        self._ready = mp.Value("b", 0, lock=False)
-        self._stopping = mp.Event()
-        #: The child's latest metrics (one snapshot at most), served by this process's /metrics.
-        self._metrics: Any = mp.Queue(maxsize=1)
+        # Shared memory only (no semaphores: nothing for the resource tracker to find leaked at exit).
+        self._ready = mp.RawValue(ctypes.c_byte, 0)
+        self._stopping = mp.RawValue(ctypes.c_byte, 0)
+        #: The child's latest metrics, served by this process's /metrics.
+        self._metrics = _Snapshot(mp)
         _relay_metrics(self._metrics)
         self._proc = mp.Process(
             target=_ledger_main,
@@ -630,7 +631,7 @@ class LedgerProcess:
         self._proc.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stopping.set()
+        self._stopping.value = 1
         self._proc.join(timeout)
         if self._proc.is_alive():
             self._proc.terminate()
@@ -645,7 +646,7 @@ class LedgerProcess:
 
 
 def _ledger_main(
-    settings: BrokerSettings, durable: str, ready: Any, stopping: Any, parent_pid: int, metrics: Any
+    settings: BrokerSettings, durable: str, ready: Any, stopping: Any, parent_pid: int, metrics: _Snapshot
 ) -> None:
     """The ledger process: consume until the broker asks it to stop or goes away."""
     _die_with_parent()
@@ -657,7 +658,7 @@ def _ledger_main(
     async def watch() -> None:
         sent = 0.0
         while not consumer.stopping.is_set():
-            if stopping.is_set() or os.getppid() != parent_pid:
+            if stopping.value or os.getppid() != parent_pid:
                 consumer.stopping.set()
             ready.value = 1 if consumer.ready else 0
             if time.monotonic() - sent > METRICS_EVERY:
@@ -693,24 +694,52 @@ async def _fetch(sub: Any) -> list[Msg]:
     return msgs
 
 
+class _Snapshot:
+    """One pickled snapshot in shared memory, written by one process and read by another. A sequence
+    number instead of a lock: odd while a write is under way; a read that saw it change is dropped."""
+
+    SIZE = 1 << 18
+
+    def __init__(self, mp: Any) -> None:
+        self.seq = mp.RawValue(ctypes.c_uint64, 0)
+        self.size = mp.RawValue(ctypes.c_uint32, 0)
+        self.data = mp.RawArray(ctypes.c_char, self.SIZE)
+
+    def write(self, payload: bytes) -> None:
+        if len(payload) > self.SIZE:
+            return
+        self.seq.value += 1
+        self.data[: len(payload)] = payload
+        self.size.value = len(payload)
+        self.seq.value += 1
+
+    def read(self) -> bytes | None:
+        before = self.seq.value
+        if before == 0 or before % 2:
+            return None
+        payload: bytes = self.data[: self.size.value]
+        return payload if self.seq.value == before else None
+
+
 class _RelayedMetrics(Collector):
-    """In the broker process: the ledger process's metrics as it last sent them."""
+    """In the broker process: the ledger process's metrics as it last wrote them."""
 
     def __init__(self) -> None:
-        self.source: Any = None
+        self.source: _Snapshot | None = None
         self.latest: list[Metric] = []
 
     def collect(self) -> Iterable[Metric]:
-        with contextlib.suppress(queue.Empty, OSError, EOFError, ValueError):
-            while self.source is not None:
-                self.latest = self.source.get_nowait()
+        payload = self.source.read() if self.source is not None else None
+        if payload is not None:
+            with contextlib.suppress(Exception):
+                self.latest = pickle.loads(payload)
         return list(self.latest)
 
 
 _relay: _RelayedMetrics | None = None
 
 
-def _relay_metrics(source: Any) -> None:
+def _relay_metrics(source: _Snapshot) -> None:
     """Serve the ledger metrics from `source` (the child's snapshots) instead of this process's own."""
     global _relay
     if _relay is None:
@@ -723,13 +752,9 @@ def _relay_metrics(source: Any) -> None:
     _relay.latest = []
 
 
-def _send_metrics(sink: Any) -> None:
-    """In the ledger process: replace the snapshot waiting in `sink` with a fresh one."""
-    snapshot = [m for c in (REPORTS, BATCH_SECONDS, FILL_TO_COMMIT) for m in c.collect()]
-    with contextlib.suppress(queue.Empty):
-        sink.get_nowait()
-    with contextlib.suppress(queue.Full):
-        sink.put_nowait(snapshot)
+def _send_metrics(sink: _Snapshot) -> None:
+    """In the ledger process: replace the snapshot in `sink` with a fresh one."""
+    sink.write(pickle.dumps([m for c in (REPORTS, BATCH_SECONDS, FILL_TO_COMMIT) for m in c.collect()]))
 
 
 def _die_with_parent() -> None:
