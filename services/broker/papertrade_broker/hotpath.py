@@ -134,13 +134,20 @@ class GroupCommit:
         self.workers = workers
         self._queue: asyncio.Queue[NewOrder[Any, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self._busy = 0
 
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._run(), name="broker-group-commit") for _ in range(self.workers)
         ]
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Book what is queued or in flight (up to `timeout` seconds), then stop; a submit still
+        waiting after that is answered with an error (its order was not booked)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (self._busy or not self._queue.empty()) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -161,6 +168,7 @@ class GroupCommit:
             batch = [b for b in batch if not b.done.done()]  # a cancelled submit is not booked
             if not batch:
                 continue
+            self._busy += 1
             try:
                 await self._book(batch)
             except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
@@ -178,6 +186,8 @@ class GroupCommit:
                 _log.error("group commit failed", error=repr(exc), exc_info=exc)
                 for item in batch:
                     _settle(item, exc=exc)
+            finally:
+                self._busy -= 1
 
     async def _book(self, batch: Sequence[NewOrder[Any, Any]]) -> None:
         ids = sorted({b.account_id for b in batch})
