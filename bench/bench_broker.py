@@ -339,7 +339,11 @@ class _CpuSampler:
         out = {name: now[name] - self.cpu0.get(name, 0.0) for name in now}
         infra = self._infra()
         if infra or self.infra0:
-            out["embedded infra"] = sum(t - self.infra0.get(pid, 0.0) for pid, t in infra.items())
+            out["embedded infra"] = 0.0
+            for pid, (kind, t) in infra.items():
+                used = t - self.infra0.get(pid, ("", 0.0))[1]
+                out["embedded infra"] += used
+                out[f"embedded infra: {kind}"] = out.get(f"embedded infra: {kind}", 0.0) + used
         return out
 
     def _all(self) -> dict[str, float]:
@@ -351,13 +355,15 @@ class _CpuSampler:
         out["bench (clients)"] = self._cpu(psutil.Process(), children=False)
         return out
 
-    def _infra(self) -> dict[int, float]:
-        """CPU per process of the embedded NATS/Postgres/Redis (this process's other descendants)."""
+    def _infra(self) -> dict[int, tuple[str, float]]:
+        """(kind, CPU) per process of the embedded NATS/Postgres/Redis (this process's other
+        descendants); kind is the executable's name (every Postgres backend counts as postgres)."""
         out = {}
         for c in psutil.Process().children(recursive=True):
             if c.pid in self.services or any(a.pid in self.services for a in _ancestors(c)):
                 continue
-            out[c.pid] = self._cpu(c, children=False)
+            with contextlib.suppress(psutil.Error):
+                out[c.pid] = (_kind(c), self._cpu(c, children=False))
         return out
 
     def percent(self) -> dict[str, float]:
@@ -375,6 +381,15 @@ class _CpuSampler:
         except psutil.Error:
             return float("nan")
         return total
+
+
+def _kind(p: psutil.Process) -> str:
+    try:
+        exe = p.exe() or p.name()
+    except psutil.Error:
+        exe = p.name()
+    name = Path(exe).name
+    return "postgres" if name.startswith("postgres") else name
 
 
 def _ancestors(p: psutil.Process) -> list[psutil.Process]:
