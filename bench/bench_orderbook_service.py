@@ -1,6 +1,6 @@
 """The orderbook service process on NATS: commands/s and CPU per command, end to end.
 
-    .venv/bin/python bench/bench_orderbook_service.py [--runs 3] [--n 20000]
+    .venv/bin/python bench/bench_orderbook_service.py [--runs 3] [--n 20000] [--rate 1000]
 
 Method. An embedded NATS (JetStream) and Redis of this bench alone (the service's streams and its Redis
 snapshot key are shared by every orderbook on a server: a private pair keeps other processes' commands
@@ -14,6 +14,9 @@ acked) and waits until every execution report reached `ex.exec.<symbol>`:
   aggressive limits that cross, 5% market orders, 20% cancels of an earlier order (some already filled:
   those are rejected, with a reason). The expected reports are computed first by `OrderBook.apply` in
   this process; the service's reports must be exactly those (same seqs, same bodies).
+- Flat out (the default): every command published as fast as the acks allow, so the service sees
+  them in bursts. With `--rate R` they are paced at R commands/s (a few per millisecond, like the
+  broker's one-order-at-a-time commands): the CPU per command of a service that is not saturated.
 - commands/s = n / (first publish until the last report arrived), wall clock.
 - CPU ms per command = the orderbook process's CPU time (user + system, psutil) over the same interval
   / n: on this shared machine the steadier figure (other processes' load shows up as wall time only).
@@ -68,6 +71,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--rate", type=int, default=0, help="pace the commands at this many per second")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-orderbook-") as tmp:
         # only Postgres is adopted from the environment (Infra checks it exists; the orderbook never uses it)
@@ -89,14 +93,16 @@ def main() -> int:
                 url = service_url(s, env)
                 wait_ready(proc, url, timeout=120)
                 assert proc.pid is not None
-                runs = asyncio.run(_runs(ep.nats_url, url, proc.pid, args.n, args.runs, args.seed))
+                runs = asyncio.run(_runs(ep.nats_url, url, proc.pid, args.n, args.runs, args.seed, args.rate))
             finally:
                 proc.stop()
-    _report(runs, args.n)
+    _report(runs, args.n, args.rate)
     return 0
 
 
-async def _runs(nats_url: str, url: str, pid: int, n: int, runs: int, seed: int) -> list[dict[str, float]]:
+async def _runs(
+    nats_url: str, url: str, pid: int, n: int, runs: int, seed: int, rate: int
+) -> list[dict[str, float]]:
     nc = await nats.connect(nats_url, name="bench-orderbook", pending_size=256 * 1024 * 1024)
     js = nc.jetstream(publish_async_max_pending=10_000)
     await ensure_streams(js, (EX_CMD_STREAM, EX_EXEC_STREAM))
@@ -109,7 +115,7 @@ async def _runs(nats_url: str, url: str, pid: int, n: int, runs: int, seed: int)
             expected = _expected(symbol, commands)
             await js.publish(subjects.ex_cmd(symbol), encode(OpenBookCmd(symbol=symbol, t=T0)))
             await _wait_symbol(url, symbol)
-            figures = await _one(nc, js, service, symbol, commands, expected)
+            figures = await _one(nc, js, service, symbol, commands, expected, rate)
             figures["loadavg"] = os.getloadavg()[0]
             print(
                 f"run {i + 1}: {figures['commands_per_s']:,.0f} commands/s, "
@@ -123,7 +129,13 @@ async def _runs(nats_url: str, url: str, pid: int, n: int, runs: int, seed: int)
 
 
 async def _one(
-    nc: Any, js: Any, service: psutil.Process, symbol: str, commands: list[BookCommand], expected: list[bytes]
+    nc: Any,
+    js: Any,
+    service: psutil.Process,
+    symbol: str,
+    commands: list[BookCommand],
+    expected: list[bytes],
+    rate: int,
 ) -> dict[str, float]:
     received: list[bytes] = []
     done = asyncio.Event()
@@ -140,7 +152,10 @@ async def _one(
     bodies = [encode(c) for c in commands]
     cpu0 = _cpu(service)
     t0 = time.perf_counter()
-    for body in bodies:
+    chunk = max(1, rate // 1000)
+    for i, body in enumerate(bodies):
+        if rate and i % chunk == 0:
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
         await js.publish_async(subject, body)
     await js.publish_async_completed()
     await asyncio.wait_for(done.wait(), timeout=600)
@@ -219,24 +234,32 @@ def _cpu(p: psutil.Process) -> float:
     return float(t.user + t.system)
 
 
-def _report(runs: list[dict[str, float]], n: int) -> None:
-    rate = median(r["commands_per_s"] for r in runs)
+def _report(runs: list[dict[str, float]], n: int, rate: int) -> None:
+    rate_ = median(r["commands_per_s"] for r in runs)
     cpu = median(r["cpu_ms_per_command"] for r in runs)
     load = median(r["loadavg"] for r in runs)
     per_core = 1000 / cpu
+    paced = f" paced at {rate:,}/s" if rate else ""
     print(
-        f"orderbook service, {n:,} commands x {len(runs)} runs (medians): {rate:,.0f} commands/s, "
+        f"orderbook service, {n:,} commands{paced} x {len(runs)} runs (medians): {rate_:,.0f} commands/s, "
         f"{cpu:.3f} CPU ms/command (= {per_core:,.0f} commands/s per core), load average {load:.1f}"
     )
     rows = [
-        _row("commands/s end to end (NATS in, reports out)", round(rate), "commands/s", None, None),
-        _row("orderbook CPU per command", round(cpu, 4), "ms", None, None),
-        _row("commands/s per core of orderbook CPU", round(per_core), "commands/s", "issue #6 target", 2000),
+        _row(f"commands/s end to end{paced} (NATS in, reports out)", round(rate_), "commands/s", None, None),
+        _row(f"orderbook CPU per command{paced}", round(cpu, 4), "ms", None, None),
+        _row(
+            f"commands/s per core of orderbook CPU{paced}",
+            round(per_core),
+            "commands/s",
+            "issue #6 target",
+            2000,
+        ),
         _row("load average during the runs", round(load, 2), "", None, None),
     ]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "orderbook_service.json").write_text(json.dumps(rows, indent=2))
-    print(f"written {RESULTS / 'orderbook_service.json'}")
+    name = f"orderbook_service_paced_{rate}.json" if rate else "orderbook_service.json"
+    (RESULTS / name).write_text(json.dumps(rows, indent=2))
+    print(f"written {RESULTS / name}")
 
 
 def _row(figure: str, value: Any, unit: str, compare_name: str | None, compare_value: Any) -> dict[str, Any]:
