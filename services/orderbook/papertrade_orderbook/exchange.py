@@ -12,9 +12,10 @@ How it stays exact across a crash (SIGKILL included):
   reads the last report already in EX_EXEC for that symbol; replayed reports at or below it are not
   published again. Every report also carries `Nats-Msg-Id: <symbol>:<seq>`, so JetStream drops a
   duplicate within its window as a second line of defence.
-- Reports are published pipelined (`publish_async`, in stream order on one connection) and their acks
-  awaited together once the consumer has no more commands queued, or every `_ACK_BATCH` reports
-  (`_flush`). A report whose ack failed is published again, then every report after it, one by one
+- Reports are published pipelined (in stream order on one connection, each with its own reply subject
+  for its JetStream ack) and their acks awaited together once the consumer has no more commands
+  queued, or every `_ACK_BATCH` reports (`_flush`). (Not nats-py's `publish_async`: its future,
+  semaphore and JSON-decoded `PubAck` per report cost more than the matching.) A report whose ack failed is published again, then every report after it, one by one
   in order (ids make the repeats harmless). A snapshot is only written after the flush, so it never
   covers a command whose reports are not stored.
 - Public prints, quotes and the Redis last trade are only published for live commands; the quote and
@@ -37,7 +38,7 @@ from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import NoStreamResponseError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from papertrade import calendar, keys
 from papertrade.accounts import LIQUIDITY_ACCOUNT_ID
@@ -61,7 +62,7 @@ from papertrade_orderbook.settings import OrderbookSettings
 _ACK_BATCH = 512
 #: seconds to wait for the acks of one flush before publishing the unacknowledged reports again
 _ACK_TIMEOUT = 5.0
-_RETRYABLE = (NatsTimeoutError, NoRespondersError, NoStreamResponseError, ConnectionClosedError, TimeoutError)
+_RETRYABLE = (NatsTimeoutError, NoRespondersError, ConnectionClosedError, TimeoutError)
 
 LIQUIDITY_KEY_PREFIX = "pt:ob:liquidity:"
 #: Redis key of the books' snapshot (owned by the orderbook): {"stream_seq", "stream_created", "books", ...}
@@ -117,8 +118,14 @@ class Exchange:
         self._tops: dict[str, Any] = {}
         self._js: JetStreamContext | None = None
         self._cmd_sub: Any = None
-        #: reports published and not yet acknowledged, in publish order: (ack, subject, body, headers)
-        self._inflight: list[tuple[asyncio.Future[Any], str, bytes, dict[str, str]]] = []
+        #: reports published since the last flush, in publish order: (number, subject, body, headers)
+        self._inflight: list[tuple[int, str, bytes, dict[str, str]]] = []
+        #: their numbers still waiting for an ack, and those the stream refused (see _on_ack)
+        self._unacked: set[int] = set()
+        self._refused: set[int] = set()
+        self._acked = asyncio.Event()
+        self._ack_prefix = ""
+        self._published = 0
         #: live books whose quote / last trade are to be published at the next flush
         self._changed: dict[str, OrderBook] = {}
         self._traded: set[str] = set()
@@ -132,6 +139,8 @@ class Exchange:
         nc = await self.ctx.links.wait_nats()
         js = nc.jetstream()
         self._js = js
+        self._ack_prefix = nc.new_inbox() + "."
+        await nc.subscribe(self._ack_prefix + "*", cb=self._on_ack)
         await ensure_streams(js, (EX_CMD_STREAM, EX_EXEC_STREAM))
         info = await js.stream_info(subjects.STREAM_EX_CMD)
         self.replay_until = int(info.state.last_seq or 0)
@@ -315,19 +324,18 @@ class Exchange:
         if reports:
             last = await self._last_published_seq(symbol)
             subject = subjects.ex_exec(symbol)
-            js = self._js
-            assert js is not None
+            nc = self.ctx.links.nats
             for report in reports:
                 if report.seq <= last:
                     continue
                 data = encode(report)
                 headers = {"Nats-Msg-Id": f"{symbol}:{report.seq}"}
-                try:
-                    ack = await js.publish_async(subject, data, headers=headers)
-                except _RETRYABLE:
-                    ack = asyncio.get_running_loop().create_future()
-                    ack.set_exception(ConnectionClosedError())
-                self._inflight.append((ack, subject, data, headers))
+                self._published = n = self._published + 1
+                self._inflight.append((n, subject, data, headers))
+                self._unacked.add(n)
+                self._acked.clear()
+                with contextlib.suppress(*_RETRYABLE):  # unacked: _flush publishes it again
+                    await nc.publish(subject, data, reply=f"{self._ack_prefix}{n}", headers=headers)
                 last = report.seq
             self._last_published[symbol] = last
         if book is None:
@@ -347,26 +355,35 @@ class Exchange:
         failed), then publish the quote and last trade of every book changed since the last flush."""
         inflight, self._inflight = self._inflight, []
         if inflight:
-            acks = [a for a, _, _, _ in inflight]
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*acks, return_exceptions=True), _ACK_TIMEOUT)
-            first_bad = next(
-                (i for i, a in enumerate(acks) if not a.done() or a.cancelled() or a.exception()), None
-            )
-            if first_bad is not None:
-                for a in acks[first_bad:]:
-                    if not a.done():
-                        a.cancel()
-                    elif not a.cancelled():
-                        a.exception()  # retrieved: no "never retrieved" warning
-                for _, subject, data, headers in inflight[first_bad:]:
-                    await self._js_publish(subject, data, headers)
+            if self._unacked:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._acked.wait(), _ACK_TIMEOUT)
+            bad = self._unacked | self._refused
+            self._unacked, self._refused = set(), set()
+            if bad:
+                first = min(bad)
+                self.log.warning("reports not acknowledged, publishing them again", count=len(bad))
+                for n, subject, data, headers in inflight:
+                    if n >= first:
+                        await self._js_publish(subject, data, headers)
         changed, self._changed = self._changed, {}
         traded, self._traded = self._traded, set()
         for symbol, book in changed.items():
             if symbol in traded:
                 await self._write_last_trade(book)
             await self._publish_quote(book)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        """The stream's answer to report number `<n>` (the reply subject's last token)."""
+        n = int(msg.subject.rsplit(".", 1)[1])
+        if n not in self._unacked:
+            return  # late: its flush gave up on it and published it again
+        self._unacked.discard(n)
+        status = msg.headers.get("Status") if msg.headers else None
+        if status or b'"error"' in msg.data:  # 503: no stream responded; else the stream's error
+            self._refused.add(n)
+        if not self._unacked:
+            self._acked.set()
 
     async def _last_published_seq(self, symbol: str) -> int:
         last = self._last_published.get(symbol)
