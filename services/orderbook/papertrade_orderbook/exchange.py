@@ -117,6 +117,8 @@ class Exchange:
         self._agent_locks: dict[str, asyncio.Lock] = {}
         self._tops: dict[str, Any] = {}
         self._js: JetStreamContext | None = None
+        #: the client itself (not `ctx.links.nats`, which raises while it reconnects: it buffers)
+        self._nc: Any = None
         self._cmd_sub: Any = None
         #: reports published since the last flush, in publish order: (number, subject, body, headers)
         self._inflight: list[tuple[int, str, bytes, dict[str, str]]] = []
@@ -139,6 +141,7 @@ class Exchange:
         nc = await self.ctx.links.wait_nats()
         js = nc.jetstream()
         self._js = js
+        self._nc = nc
         self._ack_prefix = nc.new_inbox() + "."
         await nc.subscribe(self._ack_prefix + "*", cb=self._on_ack)
         await ensure_streams(js, (EX_CMD_STREAM, EX_EXEC_STREAM))
@@ -324,7 +327,7 @@ class Exchange:
         if reports:
             last = await self._last_published_seq(symbol)
             subject = subjects.ex_exec(symbol)
-            nc = self.ctx.links.nats
+            nc = self._nc
             for report in reports:
                 if report.seq <= last:
                     continue
@@ -334,7 +337,7 @@ class Exchange:
                 self._inflight.append((n, subject, data, headers))
                 self._unacked.add(n)
                 self._acked.clear()
-                with contextlib.suppress(*_RETRYABLE):  # unacked: _flush publishes it again
+                with contextlib.suppress(Exception):  # left unacked: _flush publishes it again
                     await nc.publish(subject, data, reply=f"{self._ack_prefix}{n}", headers=headers)
                 last = report.seq
             self._last_published[symbol] = last
