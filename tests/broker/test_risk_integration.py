@@ -203,6 +203,70 @@ def _released(broker: Broker, account_id: str) -> list[Any]:
     return [x for x in broker.exchange.releases if str(x.account_id) == account_id]
 
 
+def test_book_commands_carry_the_simulation_time(broker: Broker) -> None:
+    """The book runs on the streamer's clock (DAY expiry, execution times): an order's command carries
+    the simulation time, moved on at the clock's speed since it was written; its row keeps the wall clock."""
+    acct = broker.new_account(cash="100000")
+    r = redis.Redis.from_url(broker.redis_url)
+    body = {"symbol": "MSFT", "qty": "1", "side": "buy", "type": "limit", "time_in_force": "day"}
+    body["limit_price"] = "1"
+    sim = datetime(2024, 3, 4, 15, 0, tzinfo=UTC)
+
+    def clock(speed: float) -> bytes:
+        return orjson.dumps(
+            {
+                "timestamp": "2024-03-04T15:00:00Z",
+                "is_open": True,
+                "next_open": "2024-03-05T14:30:00Z",
+                "next_close": "2024-03-04T21:00:00Z",
+                "speed": speed,
+                "wall": (datetime.now(UTC) - timedelta(seconds=1)).isoformat(),
+            }
+        )
+
+    def command_t(order: dict[str, Any]) -> datetime | None:
+        oid = UUID(order["id"])
+        return next((c.t for c in broker.exchange.commands if getattr(c, "order_id", None) == oid), None)
+
+    try:
+        with broker.client(acct) as c:
+            r.set(keys.CLOCK, clock(0.0))  # a clock that stands still (a finished replay)
+            order: dict[str, Any] = {}
+
+            def at_sim() -> bool:
+                order.update(c.post("/v2/orders", json=body).json())
+                return wait_for(lambda: command_t(order), what="the command") == sim
+
+            wait_for(at_sim, what="a command at the simulation time")  # the broker caches the clock briefly
+            created = datetime.fromisoformat(order["created_at"].replace("Z", "+00:00"))
+            assert abs(created - datetime.now(UTC)) < timedelta(minutes=1)  # the row: the wall clock
+
+            r.set(keys.CLOCK, clock(60.0))  # running x60, written a second ago: about a minute later now
+
+            def moved_on() -> bool:
+                order.update(c.post("/v2/orders", json=body).json())
+                t = wait_for(lambda: command_t(order), what="the command")
+                return sim + timedelta(seconds=55) <= t <= sim + timedelta(seconds=125)
+
+            wait_for(moved_on, what="a command at the running simulation time")
+            c.delete(f"/v2/orders/{order['id']}")
+            cancel = wait_for(
+                lambda: next(
+                    (
+                        x
+                        for x in broker.exchange.commands
+                        if type(x).__name__ == "CancelCmd" and str(x.order_id) == order["id"]
+                    ),
+                    None,
+                ),
+                what="the cancel",
+            )
+            assert cancel.t.year == 2024
+    finally:
+        r.delete(keys.CLOCK)
+        r.close()
+
+
 def _last_t(broker: Broker, acct: dict[str, Any]) -> datetime:
     return next(q.t for q in reversed(broker.exchange.risk_requests) if str(q.account_id) == acct["id"])
 

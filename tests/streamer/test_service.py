@@ -27,6 +27,7 @@ from papertrade.models import Bar
 from papertrade.stack.infra import Endpoints
 from papertrade.stack.launch import launch
 from papertrade.stack.procs import ManagedProcess
+from papertrade.timeutil import parse_time, utcnow
 from tests.conftest import ADMIN_TOKEN
 from tests.streamer.fake_polygon import GOOD_KEY, FakePolygon
 
@@ -167,16 +168,20 @@ def test_redis_holds_the_latest_bars_clock_and_watchlist(
         assert r.get(keys.latest_bar("1m", "@BTCUSD")) == last_1m
         assert r.get(keys.latest_bar("1d", "AAPL")) == [d for s, d in rx.msgs if s == "md.bar.1d.AAPL"][-1]
         clock = msgspec.json.decode(r.get(keys.CLOCK) or b"{}")
+        wall = clock.pop("wall")
         assert clock == {
             "timestamp": "2024-03-06T00:00:00Z",
             "is_open": False,
             "next_open": "2024-03-06T14:30:00Z",
             "next_close": "2024-03-06T21:00:00Z",
+            "speed": 0.0,  # a finished replay's clock stands still
         }
+        assert parse_time(wall) <= utcnow()
         assert msgspec.json.decode(r.get(keys.WATCHLIST) or b"{}")["symbols"] == ["AAPL", "@BTCUSD"]
     finally:
         r.close()
-    assert httpx.get(f"{url}/v1/clock").json() == clock
+    served = httpx.get(f"{url}/v1/clock").json()
+    assert parse_time(served.pop("wall")) >= parse_time(wall) and served == clock
     assert httpx.get(f"{url}/v1/latest/@BTCUSD").content == last_1m
 
 

@@ -240,11 +240,14 @@ class Desk:
         ref_price = await self._reference_price(spec)
         order_id = uuid.uuid4()
         now = utcnow()
-        spec = await self._ask_risk(acct, spec, order_id, now, sim_time=await self.market.sim_time())
+        sim = await self.market.sim_time()
+        spec = await self._ask_risk(acct, spec, order_id, now, sim_time=sim)
         # From here on risk holds the order's exposure: every refusal hands it back on risk.release.
         # Shielded: a request cancelled now still sees its order booked and routed (or refused and
         # released), never left pending in Postgres without a command at the book.
-        return await asyncio.shield(self._book_and_route(acct, spec, order_id, coid, ref_price, now))
+        return await asyncio.shield(
+            self._book_and_route(acct, spec, order_id, coid, ref_price, now, sim or now)
+        )
 
     async def _book_and_route(
         self,
@@ -254,7 +257,10 @@ class Desk:
         coid: str | None,
         ref_price: Decimal,
         now: datetime,
+        book_t: datetime,
     ) -> dict[str, Any]:
+        """`now` (wall clock) stamps the order's row; `book_t` (the simulation time) its command, and so
+        its executions and its DAY expiry at the book, which runs on the streamer's clock."""
         try:
             row = await self._persist_new(acct, spec, order_id, coid or str(order_id), ref_price, now)
         except BaseException as exc:  # buying power, shares, a lost database
@@ -273,7 +279,7 @@ class Desk:
             side=spec.side,
             type=spec.type,
             time_in_force=spec.time_in_force,
-            t=now,
+            t=book_t,
             qty=spec.qty,
             notional=spec.notional,
             limit_price=spec.limit_price,
@@ -297,7 +303,12 @@ class Desk:
                 .where(orders.c.id == order_id)
                 .values(status=OrderStatus.PENDING_CANCEL.value, updated_at=utcnow())
             )
-        cmd = CancelCmd(order_id=order_id, account_id=acct.id, symbol=row["symbol"], t=utcnow())
+        cmd = CancelCmd(
+            order_id=order_id,
+            account_id=acct.id,
+            symbol=row["symbol"],
+            t=await self.market.sim_time() or utcnow(),
+        )
         await self._publish(row["symbol"], codec.encode(cmd), f"{order_id}:cancel")
 
     async def cancel_all(self, acct: AccountInfo) -> list[dict[str, Any]]:
@@ -354,14 +365,15 @@ class Desk:
         ref_price = await self._reference_price(spec)
         new_id = uuid.uuid4()
         now = utcnow()
-        spec = await self._ask_risk(acct, spec, new_id, now, replaces=order_id)
+        sim = await self.market.sim_time()
+        spec = await self._ask_risk(acct, spec, new_id, now, sim_time=sim, replaces=order_id)
         row = await self._persist_replace(acct, old, spec, new_id, coid or str(new_id), ref_price, now)
         cmd = ReplaceCmd(
             order_id=order_id,
             new_order_id=new_id,
             account_id=acct.id,
             symbol=spec.symbol,
-            t=now,
+            t=sim or now,
             qty=spec.qty,
             limit_price=spec.limit_price,
             stop_price=spec.stop_price,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -21,6 +21,9 @@ from papertrade.timeutil import iso, parse_time, utcnow
 WATCHLIST_TTL = 1.0
 #: How long the streamer's clock is cached for the `t` of risk checks (a Redis read per order otherwise).
 CLOCK_TTL = 0.1
+#: How far past its last write a running streamer clock is moved on at its speed. The streamer writes
+#: it at least every second while it runs; an older one belongs to a streamer that stopped or died.
+CLOCK_EXTRAPOLATE_MAX = timedelta(seconds=2)
 
 
 class Market:
@@ -28,7 +31,8 @@ class Market:
         self.redis = redis
         self._watchlist: frozenset[str] = frozenset()
         self._watchlist_at = -1e9
-        self._sim_time: datetime | None = None
+        #: the streamer's last published clock: (simulation time, wall time it held at, speed)
+        self._clock: tuple[datetime, datetime, float] | None = None
         self._sim_time_at = -1e9
         self._watchlist_read: asyncio.Future[None] | None = None
         self._sim_time_read: asyncio.Future[None] | None = None
@@ -79,23 +83,36 @@ class Market:
         return (await self.prices([symbol])).get(symbol)
 
     async def sim_time(self) -> datetime | None:
-        """The streamer's simulation time (`papertrade.keys.CLOCK`), cached `CLOCK_TTL`; None without one."""
+        """The streamer's simulation time now (`papertrade.keys.CLOCK`); None without a streamer clock.
+
+        Its last published time moved on at its speed since then (at most `CLOCK_EXTRAPOLATE_MAX`), so a
+        clock running in real time reads as the wall clock, not as up to a second behind it.
+        """
         if time.monotonic() - self._sim_time_at > CLOCK_TTL:
             if self._sim_time_read is None or self._sim_time_read.done():
                 self._sim_time_read = asyncio.ensure_future(self._read_sim_time())
             await asyncio.shield(self._sim_time_read)
-        return self._sim_time
+        clock = self._clock
+        if clock is None:
+            return None
+        t, wall, speed = clock
+        if speed <= 0:
+            return t
+        return t + min(max(utcnow() - wall, timedelta(0)), CLOCK_EXTRAPOLATE_MAX) * speed
 
     async def _read_sim_time(self) -> None:
         now = time.monotonic()
-        t: datetime | None = None
+        clock: tuple[datetime, datetime, float] | None = None
         try:
             raw = await self.redis.get(keys.CLOCK)
             if raw:
-                t = parse_time(orjson.loads(raw)["timestamp"])
+                data = orjson.loads(raw)
+                t = parse_time(data["timestamp"])
+                wall = data.get("wall")
+                clock = (t, parse_time(wall) if wall else t, float(data.get("speed") or 0.0))
         except Exception:  # unreadable or Redis down: the caller falls back to the wall clock
-            t = None
-        self._sim_time = t
+            clock = None
+        self._clock = clock
         self._sim_time_at = now
 
     async def clock(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from papertrade.service import ApiError, ServiceContext
 from papertrade.service.app import AdminDep
 from papertrade.symbols import normalize_symbol
 from papertrade.timeutil import parse_time
-from papertrade_streamer.engine import Engine, RunSpec, clock_json
+from papertrade_streamer.engine import Engine, RunSpec
 from papertrade_streamer.feeds import UnknownSymbol, collect
 
 MAX_LIMIT = 10_000
@@ -82,7 +82,7 @@ async def get_latest(request: Request, symbol: str, interval: str = "1m") -> Res
 @router.get("/v1/clock", summary="Simulation time and the market's state")
 async def get_clock(request: Request) -> dict[str, Any]:
     engine = _engine(request)
-    return clock_json(engine.now_ns(), engine.hours)
+    return engine.clock_state()
 
 
 @router.get("/v1/watchlist", summary="The symbols and intervals being published")

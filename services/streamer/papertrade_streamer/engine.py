@@ -204,7 +204,12 @@ def next_day_boundary(t_ns: int, days: int = 1) -> int:
     return int(new_york_midnight(np.array([target], dtype=np.int64))[0])
 
 
-def clock_json(t_ns: int, hours: str) -> dict[str, Any]:
+def clock_json(t_ns: int, hours: str, speed: float = 0.0) -> dict[str, Any]:
+    """The clock as published in Redis (`papertrade.keys.CLOCK`) and served at `GET /v1/clock`.
+
+    `speed` (simulation seconds per wall second; 0 while the clock stands still) and `wall` (when this
+    was true) let a reader compute the simulation time between two writes.
+    """
     t = ns_to_dt(t_ns)
     always = hours == "24/7"
     return {
@@ -212,6 +217,8 @@ def clock_json(t_ns: int, hours: str) -> dict[str, Any]:
         "is_open": calendar.is_open(t, None, hours),
         "next_open": iso(calendar.next_open(t, None, hours) if not always else t),
         "next_close": iso(calendar.next_close(t, None, hours)),
+        "speed": speed,
+        "wall": iso(utcnow()),
     }
 
 
@@ -266,6 +273,11 @@ class Engine:
 
     def now_ns(self) -> int:
         return self.clock.now_ns()
+
+    def clock_state(self) -> dict[str, Any]:
+        """`clock_json` of the simulation clock now, with its speed (0 when it stands still)."""
+        clock = self.clock
+        return clock_json(clock.now_ns(), self.hours, clock.speed if clock.running else 0.0)
 
     def status_json(self) -> dict[str, Any]:
         return {
@@ -384,7 +396,7 @@ class Engine:
             return
         r = self.redis()
         pipe = r.pipeline(transaction=False)
-        pipe.set(keys.CLOCK, orjson.dumps(clock_json(self.now_ns(), self.hours)))
+        pipe.set(keys.CLOCK, orjson.dumps(self.clock_state()))
         if self.latest:
             pipe.mset(self.latest)
         try:
