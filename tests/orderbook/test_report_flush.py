@@ -48,7 +48,7 @@ def _ack(n: int, data: bytes = b'{"stream":"EX_EXEC","seq":1}', headers: Any = N
     return SimpleNamespace(subject=f"{PREFIX}{n}", data=data, headers=headers)
 
 
-async def _exchange_with_reports() -> tuple[Exchange, _Nats, _JetStream, list[ExecReport]]:
+async def _exchange_with_reports(stored: int = 0) -> tuple[Exchange, _Nats, _JetStream, list[ExecReport]]:
     ctx: Any = SimpleNamespace(
         log=structlog.get_logger("test"), stopping=SimpleNamespace(is_set=lambda: False)
     )
@@ -58,8 +58,10 @@ async def _exchange_with_reports() -> tuple[Exchange, _Nats, _JetStream, list[Ex
     h = Harness()
     reports = h.new(1, "buy", 10, "100.00") + h.new(2, "sell", 4, "100.00")  # accepted, accepted, 2 fills
     assert len(reports) == 4
-    ex._last_published[h.symbol] = 0
+    ex._last_published[h.symbol] = stored  # the last report EX_EXEC holds for the symbol
     await ex._publish_reports(h.symbol, reports, None, live=False)
+    if stored:
+        return ex, nc, js, reports
     assert [r for _, _, r, _ in nc.sent] == [f"{PREFIX}{n}" for n in range(1, 5)]
     assert [h_["Nats-Msg-Id"] for _, _, _, h_ in nc.sent if h_] == [f"AAPL:{r.seq}" for r in reports]
     return ex, nc, js, reports
@@ -96,3 +98,16 @@ async def test_unanswered_reports_are_published_again_after_the_timeout(
     await ex._on_ack(_ack(3))  # late: ignored, the flush is done with it
     await ex._flush()
     assert len(js.sent) == 2
+
+
+async def test_replayed_reports_near_the_stored_end_are_published_again() -> None:
+    """After a SIGKILL, a report refused while later ones of its batch were stored may be missing below
+    the last stored seq: the last `_ACK_BATCH` below it are published again (their ids drop repeats)."""
+    _, nc, _, reports = await _exchange_with_reports(stored=4)
+    assert [h_["Nats-Msg-Id"] for _, _, _, h_ in nc.sent if h_] == [f"AAPL:{r.seq}" for r in reports]
+
+
+async def test_replayed_reports_far_below_the_stored_end_are_not_published_again() -> None:
+    ex, nc, _, _ = await _exchange_with_reports(stored=4 + X._ACK_BATCH)
+    assert nc.sent == []
+    assert ex._last_published["AAPL"] == 4 + X._ACK_BATCH  # live reports go on from the stored end

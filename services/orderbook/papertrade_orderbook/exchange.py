@@ -9,9 +9,12 @@ How it stays exact across a crash (SIGKILL included):
   gets a book when the watchlist names it or a bar arrives for it), `ExpireDayCmd` (the session
   closed, by the bars' simulation time) and the synthetic liquidity agent's own orders and cancels.
 - Reports are numbered per symbol (`seq`). Before publishing a symbol's first report, the exchange
-  reads the last report already in EX_EXEC for that symbol; replayed reports at or below it are not
-  published again. Every report also carries `Nats-Msg-Id: <symbol>:<seq>`, so JetStream drops a
-  duplicate within its window as a second line of defence.
+  reads the last report already in EX_EXEC for that symbol (`L`). Every report carries
+  `Nats-Msg-Id: <symbol>:<seq>`, so JetStream drops a duplicate within its window. Replayed reports
+  at or below `L - _ACK_BATCH` are stored for certain and not published again; the last
+  `_ACK_BATCH` below `L` are, because one of them may be missing: a report refused while later ones
+  of its batch were stored, the process killed before its re-publish (see below). Past the
+  dedupe window such a repeat is stored twice, which the consumers' idempotence absorbs.
 - Reports are published pipelined (in stream order on one connection, each with its own reply subject
   for its JetStream ack) and their acks awaited together once the consumer has no more commands
   queued, or every `_ACK_BATCH` reports (`_flush`). (Not nats-py's `publish_async`: its future,
@@ -329,7 +332,7 @@ class Exchange:
             subject = subjects.ex_exec(symbol)
             nc = self._nc
             for report in reports:
-                if report.seq <= last:
+                if report.seq <= last - _ACK_BATCH:  # stored for certain (see the module docstring)
                     continue
                 data = encode(report)
                 headers = {"Nats-Msg-Id": f"{symbol}:{report.seq}"}
@@ -339,7 +342,7 @@ class Exchange:
                 self._acked.clear()
                 with contextlib.suppress(Exception):  # left unacked: _flush publishes it again
                     await nc.publish(subject, data, reply=f"{self._ack_prefix}{n}", headers=headers)
-                last = report.seq
+                last = max(last, report.seq)
             self._last_published[symbol] = last
         if book is None:
             return
