@@ -48,6 +48,7 @@ import orjson  # noqa: E402
 import psutil  # noqa: E402
 import psycopg  # noqa: E402
 import redis  # noqa: E402
+from _rows import row  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
@@ -549,65 +550,65 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
         return None if v is None else round(v * 1000, 3)
 
     rows: list[dict[str, Any]] = [
-        _row(
+        row(
             "single order submit-to-ack p50",
             ms(f["single_ack_p50"]),
             "ms",
             "FastAPI POST floor p50",
             FLOOR_HTTP_P50_MS,
         ),
-        _row(
+        row(
             "single order submit-to-ack p99",
             ms(f["single_ack_p99"]),
             "ms",
             "FastAPI POST floor p99",
             FLOOR_HTTP_P99_MS,
         ),
-        _row("single order submit-to-fill-update p50", ms(f["single_fill_p50"]), "ms", None, None),
-        _row("single order submit-to-fill-update p99", ms(f["single_fill_p99"]), "ms", None, None),
-        _row(
+        row("single order submit-to-fill-update p50", ms(f["single_fill_p50"]), "ms", None, None),
+        row("single order submit-to-fill-update p99", ms(f["single_fill_p99"]), "ms", None, None),
+        row(
             f"{clients} clients, {seconds:g} s: orders/s",
             round(f["load_rps"], 1),
             "orders/s",
             "FastAPI POST floor req/s (wrk)",
             FLOOR_HTTP_RPS,
         ),
-        _row(f"{clients} clients: submit latency p50", ms(f["load_p50"]), "ms", None, None),
-        _row(f"{clients} clients: submit latency p99", ms(f["load_p99"]), "ms", None, None),
-        _row(f"{clients} clients: errors", f["load_errors"], "count", None, None),
-        _row("fills reported by the book (load accounts)", f["fills_reported"], "count", None, None),
-        _row(
+        row(f"{clients} clients: submit latency p50", ms(f["load_p50"]), "ms", None, None),
+        row(f"{clients} clients: submit latency p99", ms(f["load_p99"]), "ms", None, None),
+        row(f"{clients} clients: errors", f["load_errors"], "count", None, None),
+        row("fills reported by the book (load accounts)", f["fills_reported"], "count", None, None),
+        row(
             "fills persisted in Postgres (load accounts)",
             f["fills_persisted"],
             "count",
             "fills reported",
             f["fills_reported"],
         ),
-        _row(
+        row(
             "fill-to-commit p50 (report seen -> trade update seen)",
             ms(f["fill_commit_p50"]),
             "ms",
             None,
             None,
         ),
-        _row(
+        row(
             "fill-to-commit p99 (report seen -> trade update seen)",
             ms(f["fill_commit_p99"]),
             "ms",
             None,
             None,
         ),
-        _row("ledger: batches booked (whole run)", f["ledger_batches"], "count", None, None),
-        _row("ledger: mean reports per batch", _round(f["ledger_batch_size"], 1), "reports", None, None),
-        _row("ledger: mean batch apply + commit", _round(f["ledger_batch_ms"], 2), "ms", None, None),
-        _row("floor: NATS request/reply p50 (this run)", ms(f["floor_rr_p50"]), "ms", "FLOORS.md", 0.37),
-        _row("floor: Postgres one-row commit p50 (this run)", ms(f["floor_pg_p50"]), "ms", "FLOORS.md", 0.54),
+        row("ledger: batches booked (whole run)", f["ledger_batches"], "count", None, None),
+        row("ledger: mean reports per batch", _round(f["ledger_batch_size"], 1), "reports", None, None),
+        row("ledger: mean batch apply + commit", _round(f["ledger_batch_ms"], 2), "ms", None, None),
+        row("floor: NATS request/reply p50 (this run)", ms(f["floor_rr_p50"]), "ms", "FLOORS.md", 0.37),
+        row("floor: Postgres one-row commit p50 (this run)", ms(f["floor_pg_p50"]), "ms", "FLOORS.md", 0.54),
     ]
     table = Table(title="broker: HTTP submit -> risk -> orderbook -> execution -> Postgres -> trade update")
     for col in ("figure", "value", "unit", "compare", "ratio"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["figure"], str(r["value"]), r["unit"], str(r["compare"] or ""), str(r["ratio"] or ""))
+        table.addrow(r["figure"], str(r["value"]), r["unit"], str(r["compare"] or ""), str(r["ratio"] or ""))
     console.print(table)
     console.print(
         "CPU % during the load (100 = one core of 2): "
@@ -619,7 +620,7 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
         + f"; load average {f['loadavg']:.2f}"
     )
     rows.append(
-        _row(
+        row(
             "machine load average (1 min) at the end of the load",
             round(f["loadavg"], 2),
             "runnable",
@@ -628,9 +629,9 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
         )
     )
     for name, value in f["load_cpu"].items():
-        rows.append(_row(f"CPU during load: {name}", round(value, 1), "% of a core", None, None))
+        rows.append(row(f"CPU during load: {name}", round(value, 1), "% of a core", None, None))
     for name, value in f["load_cpu_ms_per_order"].items():
-        rows.append(_row(f"CPU per order during load: {name}", round(value, 3), "ms", None, None))
+        rows.append(row(f"CPU per order during load: {name}", round(value, 3), "ms", None, None))
     if f["load_error_samples"]:
         console.print("error samples:", f["load_error_samples"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -640,14 +641,6 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
 
 def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
-
-
-def _row(figure: str, value: Any, unit: str, compare_name: str | None, compare_value: Any) -> dict[str, Any]:
-    ratio = None
-    if isinstance(value, (int, float)) and isinstance(compare_value, (int, float)) and compare_value:
-        ratio = round(value / compare_value, 3)
-    compare = f"{compare_name}: {compare_value}" if compare_name else None
-    return {"figure": figure, "value": value, "unit": unit, "compare": compare, "ratio": ratio}
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "shared"))
 import httpx  # noqa: E402
 import nats  # noqa: E402
 import psutil  # noqa: E402
+from _rows import row  # noqa: E402
 
 from papertrade.book import BookCommand, OpenBookCmd, OrderBook  # noqa: E402
 from papertrade.bus import subjects  # noqa: E402
@@ -245,29 +246,21 @@ def _report(runs: list[dict[str, float]], n: int, rate: int) -> None:
         f"{cpu:.3f} CPU ms/command (= {per_core:,.0f} commands/s per core), load average {load:.1f}"
     )
     rows = [
-        _row(f"commands/s end to end{paced} (NATS in, reports out)", round(rate_), "commands/s", None, None),
-        _row(f"orderbook CPU per command{paced}", round(cpu, 4), "ms", None, None),
-        _row(
+        row(f"commands/s end to end{paced} (NATS in, reports out)", round(rate_), "commands/s", None, None),
+        row(f"orderbook CPU per command{paced}", round(cpu, 4), "ms", None, None),
+        row(
             f"commands/s per core of orderbook CPU{paced}",
             round(per_core),
             "commands/s",
             "issue #6 target",
             2000,
         ),
-        _row("load average during the runs", round(load, 2), "", None, None),
+        row("load average during the runs", round(load, 2), "", None, None),
     ]
     RESULTS.mkdir(exist_ok=True)
     name = f"orderbook_service_paced_{rate}.json" if rate else "orderbook_service.json"
     (RESULTS / name).write_text(json.dumps(rows, indent=2))
     print(f"written {RESULTS / name}")
-
-
-def _row(figure: str, value: Any, unit: str, compare_name: str | None, compare_value: Any) -> dict[str, Any]:
-    ratio = None
-    if isinstance(value, (int, float)) and isinstance(compare_value, (int, float)) and compare_value:
-        ratio = round(value / compare_value, 3)
-    compare = f"{compare_name}: {compare_value}" if compare_name else None
-    return {"figure": figure, "value": value, "unit": unit, "compare": compare, "ratio": ratio}
 
 
 if __name__ == "__main__":
