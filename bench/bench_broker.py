@@ -608,7 +608,7 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
     for col in ("figure", "value", "unit", "compare", "ratio"):
         table.add_column(col)
     for r in rows:
-        table.addrow(r["figure"], str(r["value"]), r["unit"], str(r["compare"] or ""), str(r["ratio"] or ""))
+        table.add_row(r["figure"], str(r["value"]), r["unit"], str(r["compare"] or ""), str(r["ratio"] or ""))
     console.print(table)
     console.print(
         "CPU % during the load (100 = one core of 2): "
