@@ -237,6 +237,53 @@ async def test_watchlist_creates_books(start_services: Any, infra: Endpoints) ->
         await redis.aclose()
 
 
+async def test_a_new_book_is_quoted_at_once_from_the_latest_bar_in_redis(
+    start_services: Any, infra: Endpoints
+) -> None:
+    """A book the watchlist opens gets the agent's ladder around the streamer's latest 1m bar right away,
+    not a minute later at the next bar (what a newcomer's first order after `make up` meets)."""
+    sym = _symbol()
+    bar = Bar(
+        symbol=sym,
+        interval=Interval.M1,
+        t=T0,
+        o=Decimal("100"),
+        h=Decimal("100.5"),
+        l=Decimal("99.5"),
+        c=Decimal("100.00"),
+        v=Decimal(1000),
+    )
+    redis = Redis.from_url(infra.redis_url)
+    old = await redis.get(keys.WATCHLIST)
+    try:
+        await redis.set(keys.latest_bar(Interval.M1, sym), encode(bar))
+        current = orjson.loads(old) if old else {"symbols": [], "intervals": ["1m"]}
+        await redis.set(keys.WATCHLIST, orjson.dumps({**current, "symbols": [*current["symbols"], sym]}))
+        env = {
+            "ORDERBOOK_LIQUIDITY_ENABLED": "true",
+            "ORDERBOOK_LIQUIDITY_LEVELS": "2",
+            "ORDERBOOK_LIQUIDITY_SPREAD_BPS": "10",
+            "ORDERBOOK_LIQUIDITY_STEP_BPS": "5",
+            "ORDERBOOK_WATCHLIST_POLL_SECONDS": "0.5",
+        }
+        _, url = start_services("orderbook", **env)
+        async with httpx.AsyncClient(base_url=url) as http:
+
+            async def quoted() -> dict[str, Any] | None:
+                r = await http.get(f"/v1/books/{sym}")
+                body: dict[str, Any] = r.json() if r.status_code == 200 else {}
+                return body if body.get("bids") and body.get("asks") else None
+
+            book = await _until(quoted, "the ladder around the latest bar")  # no bar was published
+            assert [b["price"] for b in book["bids"]] == ["99.95", "99.90"]
+            assert [a["price"] for a in book["asks"]] == ["100.05", "100.10"]
+    finally:
+        if old is not None:
+            await redis.set(keys.WATCHLIST, old)
+        await redis.delete(keys.latest_bar(Interval.M1, sym))
+        await redis.aclose()
+
+
 async def test_liquidity_agent_quotes_around_the_bar_and_switches_off(
     start_services: Any, bus: Any, infra: Endpoints
 ) -> None:

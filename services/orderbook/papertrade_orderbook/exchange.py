@@ -250,7 +250,8 @@ class Exchange:
             await self._malformed(symbol, data, str(exc))
             return
         if isinstance(cmd, OpenBookCmd):
-            await self._open(symbol)
+            if await self._open(symbol) and live:
+                self.ctx.spawn(self._first_quote(symbol), "first-quote")
             return
         book = self.books.get(symbol)
         if book is None:
@@ -263,18 +264,45 @@ class Exchange:
             self._last_expiry[symbol] = cmd.t
         await self._publish_reports(symbol, reports, book, live)
 
-    async def _open(self, symbol: str) -> None:
+    async def _open(self, symbol: str) -> bool:
+        """Give `symbol` a book; False if it had one or cannot have one."""
         self._opening.discard(symbol)
         if symbol in self.books:
-            return
+            return False
         try:
             book = OrderBook(symbol)
         except ValidationError as exc:
             self.log.warning("not opening a book", symbol=symbol, error=str(exc))
-            return
+            return False
         book.seq = self._orphan_seq.pop(symbol, 0)
         self.books[symbol] = book
         self.log.info("book opened", symbol=symbol)
+        return True
+
+    async def _first_quote(self, symbol: str) -> None:
+        """A book opened live is quoted at once around the streamer's latest 1m bar (from Redis), not
+        only at the next bar, which can be a minute away in real time. The ladder's commands go
+        through the stream like every re-quote, so a replay rebuilds the same book."""
+        try:
+            state = await self.liquidity(symbol)
+            if not state.enabled:
+                return
+            bar = self._last_bar.get(symbol) or await self._latest_bar(symbol)
+            if bar is None:
+                return
+            async with self._agent_lock(symbol):
+                book = self.books.get(symbol)
+                if (
+                    book is None
+                    or self._agent_inflight.get(symbol, 0)
+                    > self.processed_seq  # a bar's re-quote is on its way
+                    or book.orders_of(LIQUIDITY_ACCOUNT_ID)
+                    or not self._liquidity.get(symbol, state).enabled
+                ):
+                    return
+                await self._requote(symbol, bar.c, bar.t + bar.interval.delta, state.config)
+        except Exception as exc:  # the next bar quotes the book anyway
+            self.log.warning("first quote failed", symbol=symbol, error=repr(exc))
 
     def _orphan_reject(self, symbol: str, cmd: BookCommand) -> ExecReport:
         seq = self._orphan_seq.get(symbol, 0) + 1
