@@ -65,6 +65,8 @@ from papertrade_orderbook.settings import OrderbookSettings
 _ACK_BATCH = 512
 #: seconds to wait for the acks of one flush before publishing the unacknowledged reports again
 _ACK_TIMEOUT = 5.0
+#: How long a newly opened book waits for the streamer's latest bar in Redis to quote it at once.
+_FIRST_QUOTE_WAIT = 60.0
 _RETRYABLE = (NatsTimeoutError, NoRespondersError, ConnectionClosedError, TimeoutError)
 
 LIQUIDITY_KEY_PREFIX = "pt:ob:liquidity:"
@@ -287,8 +289,15 @@ class Exchange:
             state = await self.liquidity(symbol)
             if not state.enabled:
                 return
+            # The streamer may not have written its latest bar yet (both just started): wait for it,
+            # unless a bar arrives first (its re-quote does the job) or it takes longer than a bar.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + _FIRST_QUOTE_WAIT
             bar = self._last_bar.get(symbol) or await self._latest_bar(symbol)
-            if bar is None:
+            while bar is None and not self._bar_count.get(symbol) and loop.time() < deadline:
+                await asyncio.sleep(0.5)
+                bar = self._last_bar.get(symbol) or await self._latest_bar(symbol)
+            if bar is None or self._bar_count.get(symbol):
                 return
             async with self._agent_lock(symbol):
                 book = self.books.get(symbol)
