@@ -333,6 +333,7 @@ class Engine:
         self.clock.start(spec.start_ns, spec.speed)
         t = spec.start_ns  # everything closing at or before t has been emitted
         last_state = 0.0
+        primed = False
         while spec.end_ns is None or t < spec.end_ns:
             chunk_end = next_day_boundary(t, 1)
             self._dirty.clear()
@@ -340,6 +341,12 @@ class Engine:
             prepared_at = time.monotonic()
             stop_at = chunk_end if spec.end_ns is None else min(chunk_end, spec.end_ns)
             i = int(np.searchsorted(chunk.close, t, side="right"))
+            if not primed:
+                # Bars that closed before the run's start are not published, but they are the latest
+                # the other services find in Redis at once (the orderbook quotes new books by them).
+                primed = True
+                self._remember(chunk, 0, i)
+                await self._write_state()
             while True:
                 now = self.clock.now_ns()
                 if self._dirty.is_set():
@@ -385,11 +392,17 @@ class Engine:
             return
         if self.nats is not None:
             await publish_frames(self.nats(), chunk, lo, hi)
+        self._remember(chunk, lo, hi)
+        self.published += hi - lo
+
+    def _remember(self, chunk: Chunk, lo: int, hi: int) -> None:
+        """Each key's last bar among `chunk[lo:hi]` becomes its latest (Redis, `GET /v1/latest`)."""
+        if hi <= lo:
+            return
         ids = chunk.key_id[lo:hi][::-1]
         _, last = np.unique(ids, return_index=True)
         for i in (hi - 1 - last).tolist():
             self.latest[chunk.key_names[int(chunk.key_id[i])]] = chunk.body(i)
-        self.published += hi - lo
 
     async def _write_state(self) -> None:
         if self.redis is None:
