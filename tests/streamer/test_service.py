@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -390,6 +391,37 @@ def test_realtime_publishes_each_bar_as_its_minute_closes(infra: Endpoints, tmp_
         assert clock["is_open"] is True
     finally:
         rx.close()
+        proc.stop()
+
+
+def test_a_clocked_run_puts_the_bars_closed_before_its_start_in_redis(
+    infra: Endpoints, tmp_path: Path
+) -> None:
+    """The latest-bar cache is filled at the run's start (not a minute later with its first bar), but
+    those earlier bars are not published."""
+    sym = "PR" + uuid.uuid4().hex[:5].upper().replace("0", "Q").replace("1", "R")
+    proc, url = _start(
+        infra,
+        tmp_path,
+        STREAMER_MODE="realtime",
+        STREAMER_SYMBOLS=sym,
+        STREAMER_INTERVALS="1m,5m",
+        STREAMER_START="2024-03-04T15:02:05Z",  # the next 1m bar closes 55 s after the start
+    )
+    r = Redis.from_url(infra.redis_url)
+    try:
+        deadline = time.monotonic() + 30
+        one = five = None
+        while time.monotonic() < deadline and not (one and five):
+            one, five = r.get(keys.latest_bar("1m", sym)), r.get(keys.latest_bar("5m", sym))
+            time.sleep(0.1)
+        assert one is not None and five is not None
+        assert msgspec.json.decode(one)["t"] == "2024-03-04T15:01:00Z"
+        assert msgspec.json.decode(five)["t"] == "2024-03-04T14:55:00Z"
+        assert httpx.get(f"{url}/v1/status").json()["published"] == 0
+        assert httpx.get(f"{url}/v1/latest/{sym}").content == one
+    finally:
+        r.close()
         proc.stop()
 
 
