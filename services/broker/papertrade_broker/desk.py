@@ -240,14 +240,12 @@ class Desk:
         ref_price = await self._reference_price(spec)
         order_id = uuid.uuid4()
         now = utcnow()
-        sim = await self.market.sim_time()
-        spec = await self._ask_risk(acct, spec, order_id, now, sim_time=sim)
+        t = await self.market.exchange_time()
+        spec = await self._ask_risk(acct, spec, order_id, t)
         # From here on risk holds the order's exposure: every refusal hands it back on risk.release.
         # Shielded: a request cancelled now still sees its order booked and routed (or refused and
         # released), never left pending in Postgres without a command at the book.
-        return await asyncio.shield(
-            self._book_and_route(acct, spec, order_id, coid, ref_price, now, sim or now)
-        )
+        return await asyncio.shield(self._book_and_route(acct, spec, order_id, coid, ref_price, now, t))
 
     async def _book_and_route(
         self,
@@ -257,10 +255,10 @@ class Desk:
         coid: str | None,
         ref_price: Decimal,
         now: datetime,
-        book_t: datetime,
+        t: datetime,
     ) -> dict[str, Any]:
-        """`now` (wall clock) stamps the order's row; `book_t` (the simulation time) its command, and so
-        its executions and its DAY expiry at the book, which runs on the streamer's clock."""
+        """`now` (wall clock) stamps the order's row; `t` (`Market.exchange_time`) its command, and so its
+        executions and its DAY expiry at the book, which runs on the streamer's clock."""
         try:
             row = await self._persist_new(acct, spec, order_id, coid or str(order_id), ref_price, now)
         except BaseException as exc:  # buying power, shares, a lost database
@@ -279,7 +277,7 @@ class Desk:
             side=spec.side,
             type=spec.type,
             time_in_force=spec.time_in_force,
-            t=book_t,
+            t=t,
             qty=spec.qty,
             notional=spec.notional,
             limit_price=spec.limit_price,
@@ -304,10 +302,7 @@ class Desk:
                 .values(status=OrderStatus.PENDING_CANCEL.value, updated_at=utcnow())
             )
         cmd = CancelCmd(
-            order_id=order_id,
-            account_id=acct.id,
-            symbol=row["symbol"],
-            t=await self.market.sim_time() or utcnow(),
+            order_id=order_id, account_id=acct.id, symbol=row["symbol"], t=await self.market.exchange_time()
         )
         await self._publish(row["symbol"], codec.encode(cmd), f"{order_id}:cancel")
 
@@ -365,15 +360,15 @@ class Desk:
         ref_price = await self._reference_price(spec)
         new_id = uuid.uuid4()
         now = utcnow()
-        sim = await self.market.sim_time()
-        spec = await self._ask_risk(acct, spec, new_id, now, sim_time=sim, replaces=order_id)
+        t = await self.market.exchange_time()
+        spec = await self._ask_risk(acct, spec, new_id, t, replaces=order_id)
         row = await self._persist_replace(acct, old, spec, new_id, coid or str(new_id), ref_price, now)
         cmd = ReplaceCmd(
             order_id=order_id,
             new_order_id=new_id,
             account_id=acct.id,
             symbol=spec.symbol,
-            t=sim or now,
+            t=t,
             qty=spec.qty,
             limit_price=spec.limit_price,
             stop_price=spec.stop_price,
@@ -570,12 +565,10 @@ class Desk:
         acct: AccountInfo,
         spec: OrderSpec,
         order_id: UUID,
-        now: datetime,
+        t: datetime,
         replaces: UUID | None = None,
-        *,
-        sim_time: datetime | None = None,
     ) -> OrderSpec:
-        """Risk's decision; `t` of the request is the simulation time (`sim_time`), else `now`."""
+        """Risk's decision on the order at `t` (`Market.exchange_time`: the simulation time, else the wall clock)."""
         req = RiskCheckRequest(
             order_id=order_id,
             account_id=acct.id,
@@ -583,7 +576,7 @@ class Desk:
             side=spec.side,
             type=spec.type,
             time_in_force=spec.time_in_force,
-            t=sim_time or now,
+            t=t,
             qty=spec.qty,
             notional=spec.notional,
             limit_price=spec.limit_price,

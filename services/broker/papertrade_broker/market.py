@@ -100,6 +100,10 @@ class Market:
             return t
         return t + min(max(utcnow() - wall, timedelta(0)), CLOCK_EXTRAPOLATE_MAX) * speed
 
+    async def exchange_time(self) -> datetime:
+        """The exchange's time: the streamer's simulation time (`sim_time`), else the wall clock."""
+        return await self.sim_time() or utcnow()
+
     async def _read_sim_time(self) -> None:
         now = time.monotonic()
         clock: tuple[datetime, datetime, float] | None = None
