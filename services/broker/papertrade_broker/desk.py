@@ -659,7 +659,7 @@ class Desk:
             "updated_at": now,
             "submitted_at": now,
         }
-        item = hotpath.NewOrder(acct, spec, acct.id, spec.symbol, spec.side.value, spec.qty, values)
+        item = hotpath.NewOrder(acct, spec, values)
         try:
             return await self.writer.submit(item)
         except hotpath.NoAccount:

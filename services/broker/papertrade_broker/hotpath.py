@@ -53,9 +53,11 @@ _COLUMNS = (
     "updated_at",
     "submitted_at",
 )
-INSERT_ORDER = f"INSERT INTO orders ({', '.join(_COLUMNS)}) VALUES ({', '.join(f'%({c})s' for c in _COLUMNS)}) RETURNING *"
-#: The same, a taken client_order_id answering no row instead of failing the transaction.
-INSERT_ORDER_NEW = INSERT_ORDER.replace(" RETURNING *", " ON CONFLICT DO NOTHING RETURNING *")
+#: A taken client_order_id answers no row instead of failing the transaction.
+INSERT_ORDER = (
+    f"INSERT INTO orders ({', '.join(_COLUMNS)}) VALUES ({', '.join(f'%({c})s' for c in _COLUMNS)}) "
+    "ON CONFLICT DO NOTHING RETURNING *"
+)
 
 #: Submits (and replaces) of one account are serialized by a transaction-level advisory lock keyed
 #: by the account (`account_lock_key`), not by locking the account's row: the ledger's cash updates
@@ -96,14 +98,26 @@ class NewOrder(Generic[_A, _S]):
 
     account: _A
     spec: _S
-    account_id: UUID
-    symbol: str
-    side: str
-    qty: Decimal | None
     values: dict[str, Any]
     done: asyncio.Future[Mapping[str, Any] | None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+
+    @property
+    def account_id(self) -> UUID:
+        return self.values["account_id"]
+
+    @property
+    def symbol(self) -> str:
+        return self.values["symbol"]
+
+    @property
+    def side(self) -> str:
+        return self.values["side"]
+
+    @property
+    def qty(self) -> Decimal | None:
+        return self.values["qty"]
 
 
 #: `check(account, spec, reference price, cash, reserved, open same side, held, prices)` -> the buying
@@ -252,7 +266,7 @@ class GroupCommit:
                     rows.append(item)
                 if rows:
                     cur = conn.cursor()
-                    await cur.executemany(INSERT_ORDER_NEW, [b.values for b in rows], returning=True)
+                    await cur.executemany(INSERT_ORDER, [b.values for b in rows], returning=True)
             inserted: dict[UUID, Mapping[str, Any]] = {}
             while cur is not None:
                 for r in await cur.fetchall():
