@@ -45,6 +45,7 @@ from papertrade.ledger import CommissionModel, PositionState, apply_fill, cash_d
 from papertrade.messages import ExecReport, TradeUpdate
 from papertrade.money import ZERO
 from papertrade.service.logs import configure_logging
+from papertrade.stack.procs import die_with_parent
 from papertrade.timeutil import utcnow
 from papertrade_broker.hotpath import libpq_url
 from papertrade_broker.settings import BrokerSettings
@@ -53,7 +54,6 @@ from papertrade_broker.views import order_view
 _log = structlog.get_logger("papertrade_broker.ledger")
 
 DURABLE = "broker-ledger"
-_PR_SET_PDEATHSIG = 1
 BATCH = 256
 #: How long the second fetch of a batch waits when nothing more is there (seconds).
 DRAIN_WAIT = 0.005
@@ -649,7 +649,7 @@ def _ledger_main(
     settings: BrokerSettings, durable: str, ready: Any, stopping: Any, parent_pid: int, metrics: _Snapshot
 ) -> None:
     """The ledger process: consume until the broker asks it to stop or goes away."""
-    _die_with_parent()
+    die_with_parent()  # the kernel stops the ledger when the broker process dies
     configure_logging("broker", settings.log_level, settings.log_format)
     consumer = LedgerConsumer(settings, durable)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the broker stops us
@@ -755,10 +755,3 @@ def _relay_metrics(source: _Snapshot) -> None:
 def _send_metrics(sink: _Snapshot) -> None:
     """In the ledger process: replace the snapshot in `sink` with a fresh one."""
     sink.write(pickle.dumps([m for c in (REPORTS, BATCH_SECONDS, FILL_TO_COMMIT) for m in c.collect()]))
-
-
-def _die_with_parent() -> None:
-    """Linux: the kernel sends SIGTERM to this process when the broker process dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

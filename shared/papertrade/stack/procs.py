@@ -132,12 +132,14 @@ class ManagedProcess:
             self._log = None
 
 
-def _die_with_parent() -> None:
-    # Linux: the kernel sends SIGTERM to this child when the process that started it dies, so a
-    # killed runner or test session leaves no orphans behind.
-    try:
+def die_with_parent() -> None:
+    """Linux: the kernel sends SIGTERM to the calling process when the one that started it dies, so
+    a killed parent (runner, test session, broker) leaves no orphans behind. Elsewhere: nothing."""
+    with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+
+
+def _die_with_parent() -> None:
+    die_with_parent()
     os.umask(0o022)
