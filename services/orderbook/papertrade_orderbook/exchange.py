@@ -293,18 +293,21 @@ class Exchange:
             # unless a bar arrives first (its re-quote does the job) or it takes longer than a bar.
             loop = asyncio.get_running_loop()
             deadline = loop.time() + _FIRST_QUOTE_WAIT
-            bar = self._last_bar.get(symbol) or await self._latest_bar(symbol)
-            while bar is None and not self._bar_count.get(symbol) and loop.time() < deadline:
-                await asyncio.sleep(0.5)
+            while True:
                 bar = self._last_bar.get(symbol) or await self._latest_bar(symbol)
-            if bar is None or self._bar_count.get(symbol):
-                return
+                if self._bar_count.get(symbol):
+                    return
+                if bar is not None:
+                    break
+                if loop.time() >= deadline:
+                    return
+                await asyncio.sleep(0.5)
             async with self._agent_lock(symbol):
                 book = self.books.get(symbol)
+                requoting = self._agent_inflight.get(symbol, 0) > self.processed_seq  # a bar's, on its way
                 if (
                     book is None
-                    or self._agent_inflight.get(symbol, 0)
-                    > self.processed_seq  # a bar's re-quote is on its way
+                    or requoting
                     or book.orders_of(LIQUIDITY_ACCOUNT_ID)
                     or not self._liquidity.get(symbol, state).enabled
                 ):
