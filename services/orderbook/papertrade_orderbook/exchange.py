@@ -303,11 +303,11 @@ class Exchange:
                     return
                 await asyncio.sleep(0.5)
             async with self._agent_lock(symbol):
+                await self._until_processed(self._agent_inflight.get(symbol, 0))  # a bar's re-quote
                 book = self.books.get(symbol)
-                requoting = self._agent_inflight.get(symbol, 0) > self.processed_seq  # a bar's, on its way
                 if (
                     book is None
-                    or requoting
+                    or self._bar_count.get(symbol)
                     or book.orders_of(LIQUIDITY_ACCOUNT_ID)
                     or not self._liquidity.get(symbol, state).enabled
                 ):
@@ -588,6 +588,9 @@ class Exchange:
             state = self._liquidity.get(symbol)
             if state is not None and not state.enabled:
                 return  # switched off while this re-quote waited
+            # The previous ladder's commands first: reconcile against the book they make, never
+            # stack a second ladder on one still in flight.
+            await self._until_processed(self._agent_inflight.get(symbol, 0))
             await self._requote(symbol, ref, t, cfg)
 
     async def _requote(self, symbol: str, ref: Decimal, t: datetime, cfg: LiquidityConfig) -> None:
