@@ -125,29 +125,39 @@ class FakeExchange:
         await self._nc.flush()
 
     async def _on_risk(self, msg: Msg) -> None:
-        req = codec.decode(msg.data, RiskCheckRequest)
-        self.risk_requests.append(req)
+        """One check, or the array form (a list of checks answered by a list of decisions)."""
+        batch = msg.data.lstrip().startswith(b"[")
+        reqs = (
+            codec.decode(msg.data, list[RiskCheckRequest])
+            if batch
+            else [codec.decode(msg.data, RiskCheckRequest)]
+        )
+        self.risk_requests.extend(reqs)
+        decisions = [self._decide(req) for req in reqs]
+        if any(d is None for d in decisions):  # "silent": no answer at all
+            return
+        await msg.respond(codec.encode(decisions if batch else decisions[0]))
+
+    def _decide(self, req: RiskCheckRequest) -> RiskDecision | None:
         mode = self.risk_mode.get(req.symbol, "approve")
         if mode == "silent":
-            return
+            return None
         if mode == "reject":
-            dec = RiskDecision(decision="reject", reason="max_order_qty 1000 exceeded", rule="max_order_qty")
-        elif mode == "throttle":
-            dec = RiskDecision(
+            return RiskDecision(decision="reject", reason="max_order_qty 1000 exceeded", rule="max_order_qty")
+        if mode == "throttle":
+            return RiskDecision(
                 decision="reject",
                 reason="max_orders_per_second 5 exceeded",
                 rule="max_orders_per_second",
                 throttled=True,
             )
-        elif mode == "clip":
-            dec = RiskDecision(decision="clip", qty=Decimal(5), reason="clipped to max_order_qty 5")
-        elif mode == "clip_notional":  # what risk answers for a notional order: qty None, a new notional
-            dec = RiskDecision(
+        if mode == "clip":
+            return RiskDecision(decision="clip", qty=Decimal(5), reason="clipped to max_order_qty 5")
+        if mode == "clip_notional":  # what risk answers for a notional order: qty None, a new notional
+            return RiskDecision(
                 decision="clip", notional=Decimal(30), reason="clipped to max_order_notional 30"
             )
-        else:
-            dec = RiskDecision(decision="approve")
-        await msg.respond(codec.encode(dec))
+        return RiskDecision(decision="approve")
 
     async def _on_release(self, msg: Msg) -> None:
         self.releases.append(codec.decode(msg.data, CancelCmd))

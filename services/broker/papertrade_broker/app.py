@@ -52,7 +52,7 @@ def build_app(settings: BrokerSettings | None = None) -> FastAPI:
         pool = hotpath.new_pool(settings.database_url, settings.db_pool_size)
         await pool.open(wait=True, timeout=30)
         ctx.state["pool"] = pool
-        desk = Desk(ctx, Market(ctx.links.redis), settings.risk_timeout, engine, pool)
+        desk = Desk(ctx, Market(ctx.links.redis), settings.risk_timeout, engine, pool, settings.risk_batch)
         desk.start()
         ctx.state["desk"] = desk
         runner = LedgerProcess(settings, settings.ledger_durable)

@@ -84,6 +84,7 @@ class Desk:
         risk_timeout: float,
         engine: AsyncEngine,
         pool: AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]],
+        risk_batch: int = 1,
     ) -> None:
         self.ctx = ctx
         #: Raw psycopg connections for the submit hot path (`hotpath`).
@@ -93,12 +94,21 @@ class Desk:
         self.engine = engine
         self.market = market
         self.risk_timeout = risk_timeout
+        #: The most orders in one risk.check request (1: the single-object form only).
+        self.risk_batch = risk_batch
         self._verified: dict[bytes, UUID] = {}
         self._async_ready = False
         self._async_init = asyncio.Lock()
         self._accounts: dict[UUID, AccountInfo] = {}
         #: Books new orders, many per transaction (`start` / `stop` with the service).
-        self.writer = hotpath.GroupCommit(pool, self._check_new, market.prices)
+        self.writer = hotpath.GroupCommit(
+            pool,
+            screen=self._screen,
+            check=self._check_new,
+            prices=market.prices,
+            release=self._release_new,
+            route=self._route_booked,
+        )
 
     def start(self) -> None:
         self.writer.start()
@@ -230,7 +240,8 @@ class Desk:
     # --- orders: write side ---------------------------------------------------------------------
 
     async def submit(self, acct: AccountInfo, req: OrderRequest) -> dict[str, Any]:
-        """Validate, ask risk, persist, route to the book; the same client_order_id returns the first order."""
+        """Validate, then book (`hotpath.GroupCommit`: risk, buying power, Postgres, the book's command);
+        the same client_order_id returns the first order."""
         coid = _client_order_id(req.client_order_id)
         if coid is not None:
             existing = await self._by_coid(acct.id, coid)
@@ -240,52 +251,43 @@ class Desk:
         ref_price = await self._reference_price(spec)
         order_id = uuid.uuid4()
         now = utcnow()
-        t = await self.market.exchange_time()
-        spec = await self._ask_risk(acct, spec, order_id, t)
-        # From here on risk holds the order's exposure: every refusal hands it back on risk.release.
-        # Shielded: a request cancelled now still sees its order booked and routed (or refused and
-        # released), never left pending in Postgres without a command at the book.
-        return await asyncio.shield(self._book_and_route(acct, spec, order_id, coid, ref_price, now, t))
-
-    async def _book_and_route(
-        self,
-        acct: AccountInfo,
-        spec: OrderSpec,
-        order_id: UUID,
-        coid: str | None,
-        ref_price: Decimal,
-        now: datetime,
-        t: datetime,
-    ) -> dict[str, Any]:
-        """`now` (wall clock) stamps the order's row; `t` (`Market.exchange_time`) its command, and so its
-        executions and its DAY expiry at the book, which runs on the streamer's clock."""
+        values = {
+            "id": order_id,
+            "account_id": acct.id,
+            "client_order_id": coid or str(order_id),
+            "symbol": spec.symbol,
+            "side": spec.side.value,
+            "type": spec.type.value,
+            "time_in_force": spec.time_in_force.value,
+            "qty": spec.qty,
+            "notional": spec.notional,
+            "limit_price": spec.limit_price,
+            "stop_price": spec.stop_price,
+            "all_or_none": spec.all_or_none,
+            "extended_hours": spec.extended_hours,
+            "status": OrderStatus.PENDING_NEW.value,
+            "reserve_price": ref_price,
+            "reserved": ZERO,
+            "created_at": now,
+            "updated_at": now,
+            "submitted_at": now,
+        }
+        # `now` (wall clock) stamps the order's row; `t` (`Market.exchange_time`) its risk check and its
+        # command, and so its executions and its DAY expiry at the book, which runs on the streamer's clock.
+        item = hotpath.NewOrder(acct, spec, values, await self.market.exchange_time())
         try:
-            row = await self._persist_new(acct, spec, order_id, coid or str(order_id), ref_price, now)
-        except BaseException as exc:  # buying power, shares, a lost database
-            await self._release_risk(acct.id, spec.symbol, order_id, _refusal(exc))
-            raise
+            row = await self.writer.submit(item)
+        except hotpath.NoAccount:
+            raise ApiError.unauthorized("request is not authorized: the account no longer exists") from None
+        except psycopg.DataError as exc:
+            raise ApiError.unprocessable(f"invalid value: {str(exc).splitlines()[0]}") from None
+        except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
+            raise ApiError(503, f"database unavailable: {type(exc).__name__}") from None
         if row is None:  # a concurrent request with the same client_order_id won
             assert coid is not None
-            await self._release_risk(acct.id, spec.symbol, order_id, "duplicate client_order_id")
             existing = await self._by_coid(acct.id, coid)
             assert existing is not None
             return order_view(existing)
-        cmd = NewOrderCmd(
-            order_id=order_id,
-            account_id=acct.id,
-            symbol=spec.symbol,
-            side=spec.side,
-            type=spec.type,
-            time_in_force=spec.time_in_force,
-            t=t,
-            qty=spec.qty,
-            notional=spec.notional,
-            limit_price=spec.limit_price,
-            stop_price=spec.stop_price,
-            all_or_none=spec.all_or_none,
-            stp=acct.stp,
-        )
-        await self._route_new(acct.id, spec.symbol, codec.encode(cmd), order_id)
         return order_view(row)
 
     async def cancel(self, acct: AccountInfo, order_id: UUID) -> None:
@@ -560,16 +562,11 @@ class Desk:
         price = await self.market.price(spec.symbol)
         return price * MARKET_BUFFER if price is not None else ZERO
 
-    async def _ask_risk(
-        self,
-        acct: AccountInfo,
-        spec: OrderSpec,
-        order_id: UUID,
-        t: datetime,
-        replaces: UUID | None = None,
-    ) -> OrderSpec:
-        """Risk's decision on the order at `t` (`Market.exchange_time`: the simulation time, else the wall clock)."""
-        req = RiskCheckRequest(
+    def _risk_request(
+        self, acct: AccountInfo, spec: OrderSpec, order_id: UUID, t: datetime, replaces: UUID | None = None
+    ) -> RiskCheckRequest:
+        """The risk check of an order at `t` (`Market.exchange_time`: the simulation time, else the wall clock)."""
+        return RiskCheckRequest(
             order_id=order_id,
             account_id=acct.id,
             symbol=spec.symbol,
@@ -583,18 +580,64 @@ class Desk:
             stop_price=spec.stop_price,
             replaces=replaces,
         )
+
+    async def _ask_risk(
+        self,
+        acct: AccountInfo,
+        spec: OrderSpec,
+        order_id: UUID,
+        t: datetime,
+        replaces: UUID | None = None,
+    ) -> OrderSpec:
+        """Risk's decision on one order: the spec to book (clipped or not), or the ApiError refusing it."""
+        req = self._risk_request(acct, spec, order_id, t, replaces)
+        return _decided(spec, (await self._risk_decisions([req]))[0])
+
+    async def _screen(
+        self, batch: Sequence[hotpath.NewOrder[AccountInfo, OrderSpec]]
+    ) -> list[BaseException | None]:
+        """The group commit's risk step: one risk.check request per `risk_batch` orders (sent together);
+        per order None (approved; a clip is applied to the order) or the error that refuses it."""
+        reqs = [self._risk_request(b.account, b.spec, b.values["id"], b.t) for b in batch]
+        size = max(self.risk_batch, 1)
+        chunks = [reqs[i : i + size] for i in range(0, len(reqs), size)]
+        answers = await asyncio.gather(*(self._risk_decisions(c) for c in chunks), return_exceptions=True)
+        out: list[BaseException | None] = []
+        for chunk, answer in zip(chunks, answers, strict=True):
+            decisions = answer if isinstance(answer, list) else [answer] * len(chunk)
+            for decision in decisions:
+                item = batch[len(out)]
+                if isinstance(decision, BaseException):
+                    out.append(decision)
+                    continue
+                try:
+                    _apply_spec(item, _decided(item.spec, decision))
+                except ApiError as exc:
+                    out.append(exc)
+                    continue
+                out.append(None)
+        return out
+
+    async def _risk_decisions(self, reqs: Sequence[RiskCheckRequest]) -> list[RiskDecision]:
+        """Risk's decisions on `reqs`, in order: one request (the single form for one order, the array
+        form for several); raises the ApiError that refuses them all when risk does not answer."""
+        payload = codec.encode(reqs[0] if len(reqs) == 1 else list(reqs))
         try:
-            msg = await self.ctx.links.nats.request(
-                subjects.RISK_CHECK, codec.encode(req), timeout=self.risk_timeout
-            )
-            decision = codec.decode(msg.data, RiskDecision)
+            msg = await self.ctx.links.nats.request(subjects.RISK_CHECK, payload, timeout=self.risk_timeout)
+            if len(reqs) == 1:
+                return [codec.decode(msg.data, RiskDecision)]
+            decisions = codec.decode(msg.data, list[RiskDecision])
+            if len(decisions) != len(reqs):
+                raise ValidationError("body", f"{len(decisions)} decisions for {len(reqs)} orders")
+            return decisions
         except NoRespondersError:
             raise ApiError.forbidden(
                 "risk: unavailable (no risk service answers risk.check); order refused"
             ) from None
         except (NatsTimeoutError, TimeoutError):
             # Risk may still approve (and reserve) after we gave up: hand the exposure back.
-            await self._release_risk(acct.id, spec.symbol, order_id, "risk.check timed out")
+            for req in reqs:
+                await self._release_risk(req.account_id, req.symbol, req.order_id, "risk.check timed out")
             raise ApiError.forbidden(
                 f"risk: unavailable (no answer within {self.risk_timeout:g}s); order refused"
             ) from None
@@ -602,72 +645,35 @@ class Desk:
             raise ApiError.forbidden(f"risk: unreadable decision ({exc}); order refused") from None
         except Exception as exc:  # link down
             raise ApiError.forbidden(f"risk: unavailable ({type(exc).__name__}); order refused") from None
-        if decision.decision == "approve":
-            return spec
-        if decision.decision == "clip":
-            if spec.notional is not None and decision.notional is not None:
-                if decision.notional <= 0:
-                    raise ApiError.forbidden(f"risk: {decision.reason or 'clipped to nothing'}")
-                return _with(spec, notional=min(decision.notional, spec.notional))
-            clipped = decision.qty
-            if clipped is None or clipped <= 0:
-                raise ApiError.forbidden(f"risk: {decision.reason or 'clipped to nothing'}")
-            if spec.qty is not None and clipped >= spec.qty:
-                return spec
-            return OrderSpec(
-                spec.symbol,
-                spec.side,
-                spec.type,
-                spec.time_in_force,
-                clipped,
-                None,
-                spec.limit_price,
-                spec.stop_price,
-                spec.all_or_none,
-                spec.extended_hours,
-            )
-        reason = decision.reason or decision.rule or "rejected"
-        if decision.throttled:
-            raise ApiError(429, f"risk: {reason}")
-        raise ApiError.forbidden(f"risk: {reason}")
 
-    async def _persist_new(
-        self, acct: AccountInfo, spec: OrderSpec, order_id: UUID, coid: str, ref_price: Decimal, now: datetime
-    ) -> Mapping[str, Any] | None:
-        """Check buying power with the account locked and insert the order (None: the coid is taken).
+    def _release_new(self, item: hotpath.NewOrder[AccountInfo, OrderSpec], reason: str) -> None:
+        """The group commit refused an order risk approved (buying power, a taken client_order_id, a
+        lost database): risk gets its reservation back."""
+        self.ctx.spawn(
+            self._release_risk(item.account_id, item.symbol, item.values["id"], reason), "risk-release"
+        )
 
-        Booked by the group commit (`hotpath.GroupCommit`): one transaction for the submits that
-        arrive together, two round trips, prepared statements."""
-        values = {
-            "id": order_id,
-            "account_id": acct.id,
-            "client_order_id": coid,
-            "symbol": spec.symbol,
-            "side": spec.side.value,
-            "type": spec.type.value,
-            "time_in_force": spec.time_in_force.value,
-            "qty": spec.qty,
-            "notional": spec.notional,
-            "limit_price": spec.limit_price,
-            "stop_price": spec.stop_price,
-            "all_or_none": spec.all_or_none,
-            "extended_hours": spec.extended_hours,
-            "status": OrderStatus.PENDING_NEW.value,
-            "reserve_price": ref_price,
-            "reserved": ZERO,
-            "created_at": now,
-            "updated_at": now,
-            "submitted_at": now,
-        }
-        item = hotpath.NewOrder(acct, spec, values)
-        try:
-            return await self.writer.submit(item)
-        except hotpath.NoAccount:
-            raise ApiError.unauthorized("request is not authorized: the account no longer exists") from None
-        except psycopg.DataError as exc:
-            raise ApiError.unprocessable(f"invalid value: {str(exc).splitlines()[0]}") from None
-        except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
-            raise ApiError(503, f"database unavailable: {type(exc).__name__}") from None
+    async def _route_booked(
+        self, item: hotpath.NewOrder[AccountInfo, OrderSpec], row: Mapping[str, Any]
+    ) -> None:
+        """The group commit's last step: a booked order's command to its book."""
+        acct, spec = item.account, item.spec
+        cmd = NewOrderCmd(
+            order_id=item.values["id"],
+            account_id=acct.id,
+            symbol=spec.symbol,
+            side=spec.side,
+            type=spec.type,
+            time_in_force=spec.time_in_force,
+            t=item.t,
+            qty=spec.qty,
+            notional=spec.notional,
+            limit_price=spec.limit_price,
+            stop_price=spec.stop_price,
+            all_or_none=spec.all_or_none,
+            stp=acct.stp,
+        )
+        await self._route_new(acct.id, spec.symbol, codec.encode(cmd), item.values["id"])
 
     async def _check_new(
         self,
@@ -999,10 +1005,32 @@ def _admin_account(row: Mapping[Any, Any]) -> dict[str, Any]:
     }
 
 
-def _refusal(exc: BaseException) -> str:
-    if isinstance(exc, ApiError):
-        return exc.message
-    return f"refused by the broker ({type(exc).__name__})"
+def _decided(spec: OrderSpec, decision: RiskDecision) -> OrderSpec:
+    """The order risk's decision leaves to book (clipped, or as it was), or the ApiError refusing it."""
+    if decision.decision == "approve":
+        return spec
+    if decision.decision == "clip":
+        if spec.notional is not None and decision.notional is not None:
+            if decision.notional <= 0:
+                raise ApiError.forbidden(f"risk: {decision.reason or 'clipped to nothing'}")
+            return _with(spec, notional=min(decision.notional, spec.notional))
+        clipped = decision.qty
+        if clipped is None or clipped <= 0:
+            raise ApiError.forbidden(f"risk: {decision.reason or 'clipped to nothing'}")
+        if spec.qty is not None and clipped >= spec.qty:
+            return spec
+        return _with(spec, qty=clipped, notional=None)
+    reason = decision.reason or decision.rule or "rejected"
+    if decision.throttled:
+        raise ApiError(429, f"risk: {reason}")
+    raise ApiError.forbidden(f"risk: {reason}")
+
+
+def _apply_spec(item: hotpath.NewOrder[AccountInfo, OrderSpec], spec: OrderSpec) -> None:
+    """Book `item` as `spec` (risk's clip): the order and its row."""
+    item.spec = spec
+    item.values["qty"] = spec.qty
+    item.values["notional"] = spec.notional
 
 
 def _with(spec: OrderSpec, **changes: Any) -> OrderSpec:

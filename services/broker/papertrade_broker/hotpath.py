@@ -1,11 +1,15 @@
 """The submit hot path in plain psycopg 3: a pool of raw connections, prepared statements, group commit.
 
 SQLAlchemy (Core, async) stays the schema's and Alembic's, and serves the rarer routes. New orders
-are written by `GroupCommit`: the submits that arrive while a transaction is in flight wait for the
-next one, and one transaction books them all in two round trips (pipeline mode: BEGIN, take their
-accounts' advisory locks, read what open orders hold and the positions that matter in one statement;
-then the INSERTs and COMMIT).
-Each submit is answered after the commit that holds its order.
+are written by `GroupCommit`: the submits that arrive while a batch is in flight wait for the next
+one. One batch is one risk.check request (the array form, `papertrade.messages`) sent beside round
+trip 1 of one transaction (pipeline mode: BEGIN, take the accounts' advisory locks, read what open
+orders hold and the positions that matter in one statement); then round trip 2 (the INSERTs and
+COMMIT), then the book commands. Each submit is answered after the commit that holds its order and
+after its command is on the wire.
+
+The pool's connections plan the prepared statements once (`plan_cache_mode = force_generic_plan`):
+with array parameters Postgres otherwise keeps choosing a custom plan, i.e. re-plans on every call.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 from uuid import UUID
@@ -94,14 +99,18 @@ _S = TypeVar("_S")
 
 @dataclass
 class NewOrder(Generic[_A, _S]):
-    """One submit waiting for its transaction: `values` are the `orders` row (reserved filled in)."""
+    """One submit waiting for its batch: `values` are the `orders` row (reserved filled in), `t` the
+    exchange time of its risk check and book command."""
 
     account: _A
     spec: _S
     values: dict[str, Any]
+    t: datetime
     done: asyncio.Future[Mapping[str, Any] | None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    #: risk approved it (and holds its exposure until the book reports on it, or a release)
+    approved: bool = False
 
     @property
     def account_id(self) -> UUID:
@@ -120,6 +129,9 @@ class NewOrder(Generic[_A, _S]):
         return self.values["qty"]
 
 
+#: `screen(batch)` asks risk about every order of a batch: per order None (approved; a clip is applied
+#: to the order in place) or the exception that refuses it.
+Screen = Callable[[Sequence[NewOrder[Any, Any]]], Awaitable[list[BaseException | None]]]
 #: `check(account, spec, reference price, cash, reserved, open same side, held, prices)` -> the buying
 #: power the order reserves, or raises (an ApiError) to refuse it; `held` is [[symbol, qty text], ...]:
 #: the account's position in the order's symbol and its shorts; `prices` the latest prices of the
@@ -129,22 +141,40 @@ Check = Callable[
 ]
 #: `prices(symbols)` -> the latest price of each symbol that has one.
 Prices = Callable[[Sequence[str]], Awaitable[dict[str, Decimal]]]
+#: `release(order, reason)`: hand back what risk reserved for an approved order the broker refused.
+Release = Callable[[NewOrder[Any, Any], str], None]
+#: `route(order, row)`: send a booked order's command to its book; raises to refuse it.
+Route = Callable[[NewOrder[Any, Any], Mapping[str, Any]], Awaitable[None]]
 
 
 class GroupCommit:
-    """Books new orders, many per transaction; `submit` answers the order's row once committed (None:
-    its client_order_id is taken), or raises what refused it."""
+    """Books new orders, many per transaction; `submit` answers the order's row once committed and
+    routed (None: its client_order_id is taken), or raises what refused it.
+
+    A batch is everything queued when a worker is free. Risk is asked about the whole batch (`screen`)
+    while round trip 1 locks its accounts and reads what they hold; then buying power is checked, the
+    orders that pass are inserted and committed (round trip 2) and their commands published (`route`),
+    all before any submit is answered. The worker, not the request, owns that sequence: a client that
+    goes away once its order is in a batch still gets it booked and routed, never left pending without
+    its command. Every refusal after risk's approval hands the reservation back (`release`)."""
 
     def __init__(
         self,
         pool: AsyncConnectionPool[AsyncConnection[dict[str, Any]]],
+        *,
+        screen: Screen,
         check: Check,
         prices: Prices,
+        release: Release,
+        route: Route,
         workers: int = 1,
     ) -> None:
         self.pool = pool
+        self.screen = screen
         self.check = check
         self.prices = prices
+        self.release = release
+        self.route = route
         self.workers = workers
         self._queue: asyncio.Queue[NewOrder[Any, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -184,32 +214,53 @@ class GroupCommit:
                 continue
             self._busy += 1
             try:
-                await self._book(batch)
-            except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
-                for item in batch:
-                    _settle(item, exc=exc)
-            except psycopg.Error:
-                # A value one order carries (e.g. out of NUMERIC's range) failed the whole batch: book
-                # them one by one, so that only that order fails.
-                for item in batch:
-                    try:
-                        await self._book([item])
-                    except Exception as exc:
-                        _settle(item, exc=exc)
-            except Exception as exc:  # never leave a submit waiting
-                _log.error("group commit failed", error=repr(exc), exc_info=exc)
-                for item in batch:
-                    _settle(item, exc=exc)
+                await self._process(batch)
             finally:
                 self._busy -= 1
 
-    async def _book(self, batch: Sequence[NewOrder[Any, Any]]) -> None:
+    async def _process(self, batch: list[NewOrder[Any, Any]]) -> None:
+        screening = asyncio.ensure_future(self.screen(batch))
+        try:
+            booked = await self._book(batch, screening)
+        except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
+            await self._refuse_all(batch, screening, exc)
+            return
+        except psycopg.Error:
+            # A value one order carries (e.g. out of NUMERIC's range) failed the whole batch: book the
+            # approved ones one by one (risk is not asked again), so that only that order fails.
+            if not screening.done():
+                await asyncio.wait([screening])
+            booked = []
+            for item in batch:
+                if not item.approved:
+                    continue
+                try:
+                    booked += await self._book([item], None)
+                except Exception as exc:
+                    self._refuse(item, exc)
+        except Exception as exc:  # never leave a submit waiting
+            _log.error("group commit failed", error=repr(exc), exc_info=exc)
+            await self._refuse_all(batch, screening, exc)
+            return
+        for item, row in booked:
+            try:
+                await self.route(item, row)
+            except Exception as exc:  # the command was not sent: `route` rejected the order
+                _settle(item, exc=exc)
+                continue
+            _settle(item, row=row)
+
+    async def _book(
+        self,
+        batch: Sequence[NewOrder[Any, Any]],
+        screening: asyncio.Future[list[BaseException | None]] | None,
+    ) -> list[tuple[NewOrder[Any, Any], Mapping[str, Any]]]:
+        """Round trip 1 (locks, state) beside risk's screening, the checks, round trip 2 (INSERTs,
+        COMMIT). Refusals are settled here; the booked orders are returned with their rows."""
         ids = sorted({b.account_id for b in batch})
         keys = sorted({account_lock_key(a) for a in ids})
         params = {"k": keys, "a": ids, "s": sorted({b.symbol for b in batch})}
         rows: list[NewOrder[Any, Any]] = []
-        refused: list[tuple[NewOrder[Any, Any], BaseException]] = []
-        duplicate: list[NewOrder[Any, Any]] = []
         cur = None
         async with self.pool.connection() as conn:
             # One pipeline: BEGIN + the account locks + the read (one round trip), the checks here,
@@ -227,17 +278,25 @@ class GroupCommit:
                     for symbol, side, open_qty in r["same_side"] or []:
                         same[(r["id"], symbol, side)] = Decimal(open_qty)
                     held[r["id"]] = [[symbol, qty] for symbol, qty in r["held"] or []]
+                if screening is not None:
+                    for item, refusal in zip(batch, await screening, strict=True):
+                        if refusal is None:
+                            item.approved = True
+                        else:
+                            _settle(item, exc=refusal)
                 # Short positions count at market value: their prices, read once for the batch.
                 shorts = sorted({h[0] for rows_ in held.values() for h in rows_ if h[1].startswith("-")})
                 prices = await self.prices(shorts) if shorts else {}
                 coids: set[tuple[UUID, str]] = set()
                 for item in batch:
+                    if not item.approved:
+                        continue
                     key = (item.account_id, item.values["client_order_id"])
                     if key in coids:  # the same client_order_id twice in one batch: the first wins
-                        duplicate.append(item)
+                        self._duplicate(item)
                         continue
                     if item.account_id not in cash:
-                        refused.append((item, NoAccount()))
+                        self._refuse(item, NoAccount())
                         continue
                     side_key = (item.account_id, item.symbol, item.side)
                     try:
@@ -256,7 +315,7 @@ class GroupCommit:
                             prices,
                         )
                     except Exception as exc:
-                        refused.append((item, exc))
+                        self._refuse(item, exc)
                         continue
                     coids.add(key)
                     item.values["reserved"] = needed
@@ -273,16 +332,53 @@ class GroupCommit:
                     inserted[r["id"]] = r
                 if not cur.nextset():
                     break
+        booked: list[tuple[NewOrder[Any, Any], Mapping[str, Any]]] = []
         for item in rows:
-            _settle(item, row=inserted.get(item.values["id"]))
-        for item in duplicate:
-            _settle(item, row=None)
-        for item, why in refused:
-            _settle(item, exc=why)
+            row = inserted.get(item.values["id"])
+            if row is None:  # a concurrent request with the same client_order_id won
+                self._duplicate(item)
+            else:
+                booked.append((item, row))
+        return booked
+
+    def _refuse(self, item: NewOrder[Any, Any], exc: BaseException) -> None:
+        """An approved order the broker refuses: risk gets its reservation back."""
+        self.release(item, _refusal(exc))
+        _settle(item, exc=exc)
+
+    def _duplicate(self, item: NewOrder[Any, Any]) -> None:
+        self.release(item, "duplicate client_order_id")
+        _settle(item, row=None)
+
+    async def _refuse_all(
+        self,
+        batch: Sequence[NewOrder[Any, Any]],
+        screening: asyncio.Future[list[BaseException | None]],
+        exc: BaseException,
+    ) -> None:
+        """The batch failed as a whole (e.g. the database is gone): what risk approved is released."""
+        if not screening.done():
+            await asyncio.wait([screening])
+        if not screening.cancelled() and screening.exception() is None:
+            for item, refusal in zip(batch, screening.result(), strict=True):
+                item.approved = item.approved or refusal is None
+        for item in batch:
+            if item.approved:
+                self._refuse(item, exc)
+            else:
+                _settle(item, exc=exc)
 
 
 class NoAccount(Exception):
     """The account of a submit is gone (deleted while the order was in flight)."""
+
+
+def _refusal(exc: BaseException) -> str:
+    """What a refusal tells risk (`risk.release`'s reason)."""
+    message = getattr(exc, "message", None)
+    if isinstance(message, str):
+        return message
+    return f"refused by the broker ({type(exc).__name__})"
 
 
 def _settle(
@@ -314,6 +410,11 @@ def new_pool(database_url: str, size: int) -> AsyncConnectionPool[AsyncConnectio
         max_size=size,
         open=False,
         connection_class=AsyncConnection[dict[str, Any]],
-        kwargs={"row_factory": dict_row, "autocommit": False, "prepare_threshold": 0},
+        kwargs={
+            "row_factory": dict_row,
+            "autocommit": False,
+            "prepare_threshold": 0,
+            "options": "-c plan_cache_mode=force_generic_plan",
+        },
         name="broker-hotpath",
     )
