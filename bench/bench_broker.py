@@ -12,8 +12,13 @@ crosses a resting buy and both sides fill: each order makes an `accepted` report
   validated, risk answered over NATS, the order committed to Postgres and its command acked by
   JetStream). submit-to-fill-update = POST sent until this process receives the order's `fill` trade
   update on `broker.event.<account>` (book matched, report consumed, ledger committed, published).
-- load: 50 concurrent aiohttp clients (one connection and one account each) for the duration;
-  orders/s = 200 answers per second; errors = any other answer or a transport error. After the load,
+- load: 50 concurrent clients for the duration, 50 accounts (even ones buy, odd ones sell); orders/s =
+  200 answers per second; errors = any other answer or a transport error. The clients are wrk (a C
+  load generator: `apt-get install wrk`) when it is installed, else aiohttp (`--loadgen` chooses): an
+  aiohttp client costs about 0.3 ms of CPU per request here, a third of what the whole stack may
+  spend per order at 2,000/s on two cores, and would measure itself. wrk's connections cycle over
+  the accounts (a Lua script); aiohttp gives each client one connection and one account. Both warm
+  up first (until every key pair has been verified once: the first request of a pair pays scrypt). After the load,
   the broker must book every fill: fill reports seen on `ex.exec.>` for the bench accounts = execution
   rows in Postgres. fill-to-commit = a fill report seen on `ex.exec.>` until its trade update (which
   the broker publishes after the commit) is seen, in this process.
@@ -28,7 +33,10 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,6 +83,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--single", type=int, default=1000, help="sequential orders for the latency figures")
+    parser.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "aiohttp"),
+        default="auto",
+        help="the load generator (auto: wrk when installed)",
+    )
     args = parser.parse_args()
     seconds = args.seconds or (60.0 if args.full else 10.0)
     console = Console()
@@ -101,7 +115,17 @@ def main() -> int:
             _wait_symbol(urls["orderbook"])
             pids = {p.name: p.pid for p in procs if p.pid is not None}
             figures = asyncio.run(
-                _run(urls["broker"], endpoints, durable, args.clients, seconds, args.single, console, pids)
+                _run(
+                    urls["broker"],
+                    endpoints,
+                    durable,
+                    args.clients,
+                    seconds,
+                    args.single,
+                    console,
+                    pids,
+                    _loadgen(args.loadgen),
+                )
             )
         finally:
             for proc in reversed(procs):
@@ -119,6 +143,7 @@ async def _run(
     single: int,
     console: Console,
     pids: dict[str, int],
+    loadgen: str,
 ) -> dict[str, Any]:
     accounts = _accounts(url, clients + 2)
     observer = _Observer({a["id"] for a in accounts})
@@ -126,14 +151,18 @@ async def _run(
     figures: dict[str, Any] = {}
     console.print(f"single-order latency: {single} sequential orders ...")
     figures |= await _single(url, accounts[0], accounts[1], observer, single)
-    console.print(f"load: {clients} clients for {seconds:g} s ...")
+    console.print(f"load: {clients} clients ({loadgen}) for {seconds:g} s ...")
     samplers: list[_CpuSampler] = []
-    figures |= await _load(url, accounts[2:], seconds, lambda: samplers.append(_CpuSampler(pids)))
+    load = _load_wrk if loadgen == "wrk" else _load
+    figures |= await load(url, accounts[2:], seconds, lambda: samplers.append(_CpuSampler(pids)))
+    figures["loadgen"] = loadgen
     cpu = samplers[0]  # from the end of the warm-up (first requests of a key pair pay its scrypt)
-    figures["load_cpu"] = cpu.percent()
-    figures["load_cpu_ms_per_order"] = {
-        k: 1000 * v / max(figures["load_ok"], 1) for k, v in cpu.seconds().items()
-    }
+    used = cpu.seconds()
+    if "loadgen_cpu" in figures:  # wrk's own CPU (its rusage), counted with the clients
+        used["bench (clients)"] = used.get("bench (clients)", 0.0) + figures["loadgen_cpu"]
+        used["bench (clients): wrk"] = figures["loadgen_cpu"]
+    figures["load_cpu"] = {k: 100.0 * v / max(figures["load_seconds"], 1e-9) for k, v in used.items()}
+    figures["load_cpu_ms_per_order"] = {k: 1000 * v / max(figures["load_ok"], 1) for k, v in used.items()}
     figures["loadavg"] = os.getloadavg()[0]
     console.print("waiting for the ledger to book every fill ...")
     figures |= await _settle(ep, durable, observer, {a["id"] for a in accounts[2:]})
@@ -237,6 +266,105 @@ async def _load(
         "load_p99": _pct(latencies, 99),
         "load_seconds": elapsed,
     }
+
+
+async def _load_wrk(
+    url: str, accounts: list[dict[str, Any]], seconds: float, counting: Callable[[], None]
+) -> dict[str, Any]:
+    """`seconds` of load from wrk (one thread per core, one connection per client), after a warm-up
+    run that has every account submit at least once."""
+    with tempfile.TemporaryDirectory(prefix="bench-broker-wrk-") as tmp:
+        script = Path(tmp) / "orders.lua"
+        script.write_text(_wrk_script(accounts))
+        target = f"{url}/v2/orders"
+        warm = ["wrk", "-t1", f"-c{len(accounts)}", "-d2s", "-s", str(script), target]
+        await asyncio.to_thread(subprocess.run, warm, capture_output=True, check=True)
+        argv = ["wrk", "-t2", f"-c{len(accounts)}", f"-d{seconds:g}s", "--latency", "-s", str(script), target]
+        counting()
+        start = time.perf_counter()
+        out, cpu = await asyncio.to_thread(_run_timed, argv)
+        elapsed = time.perf_counter() - start
+    total = int(_wrk_figure(out, r"(\d+) requests in"))
+    bad = int(_wrk_figure(out, r"Non-2xx or 3xx responses: (\d+)", "0"))
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    transport = sum(int(g) for g in sock.groups()) if sock else 0
+    ok = total - bad
+    samples = re.findall(r"^ERR (\d+) (.*)$", out, flags=re.MULTILINE)
+    return {
+        "load_ok": ok,
+        "load_errors": bad + transport,
+        "load_error_samples": [f"{code} {body[:160]}" for code, body in samples[:5]],
+        "load_rps": ok / elapsed if elapsed > 0 else 0.0,
+        "load_p50": _wrk_latency(out, "50%"),
+        "load_p99": _wrk_latency(out, "99%"),
+        "load_seconds": elapsed,
+        "loadgen_cpu": cpu,
+    }
+
+
+def _wrk_script(accounts: list[dict[str, Any]]) -> str:
+    """wrk's Lua: each request is the next account's order (even accounts buy, odd ones sell); any
+    answer but 200 is printed (up to 5) as `ERR <status> <body>`."""
+    lines = ["local orders = {}"]
+    for i, acct in enumerate(accounts):
+        headers = ", ".join(f'["{k}"] = "{v}"' for k, v in _headers(acct).items())
+        body = orjson.dumps(_order_body("buy" if i % 2 == 0 else "sell")).decode().replace("'", "\\'")
+        lines.append(f"orders[#orders + 1] = {{headers = {{{headers}}}, body = '{body}'}}")
+    lines.append(
+        """
+local n = 0
+local shown = 0
+request = function()
+  n = n + 1
+  local o = orders[(n % #orders) + 1]
+  return wrk.format("POST", nil, o.headers, o.body)
+end
+response = function(status, headers, body)
+  if status ~= 200 and shown < 5 then
+    shown = shown + 1
+    print("ERR " .. status .. " " .. body)
+  end
+end
+"""
+    )
+    return "\n".join(lines)
+
+
+def _run_timed(argv: list[str]) -> tuple[str, float]:
+    """Run `argv` to its end: (its output, the CPU seconds it used, from its rusage)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {out[-500:]}")
+    return out, usage.ru_utime + usage.ru_stime
+
+
+def _wrk_figure(out: str, pattern: str, default: str | None = None) -> str:
+    m = re.search(pattern, out)
+    if m is None:
+        if default is not None:
+            return default
+        raise RuntimeError(f"unexpected wrk output: {out[-500:]}")
+    return m.group(1)
+
+
+def _wrk_latency(out: str, label: str) -> float | None:
+    """A latency percentile of wrk's --latency table, in seconds."""
+    m = re.search(rf"^\s+{re.escape(label)}\s+([\d.]+)(us|ms|s)\s*$", out, flags=re.MULTILINE)
+    if m is None:
+        return None
+    return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
+
+
+def _loadgen(choice: str) -> str:
+    if choice == "auto":
+        return "wrk" if shutil.which("wrk") else "aiohttp"
+    if choice == "wrk" and not shutil.which("wrk"):
+        raise SystemExit("--loadgen wrk: wrk is not installed (apt-get install wrk)")
+    return choice
 
 
 async def _settle(ep: Endpoints, durable: str, obs: _Observer, account_ids: set[str]) -> dict[str, Any]:
@@ -567,7 +695,7 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
         row("single order submit-to-fill-update p50", ms(f["single_fill_p50"]), "ms", None, None),
         row("single order submit-to-fill-update p99", ms(f["single_fill_p99"]), "ms", None, None),
         row(
-            f"{clients} clients, {seconds:g} s: orders/s",
+            f"{clients} clients ({f['loadgen']}), {seconds:g} s: orders/s",
             round(f["load_rps"], 1),
             "orders/s",
             "FastAPI POST floor req/s (wrk)",
