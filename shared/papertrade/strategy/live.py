@@ -214,8 +214,11 @@ class LiveContext:
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One request; while the broker cannot be reached (it restarts) retry for up to
-        `RECONNECT_FOR` seconds. Only connect failures are retried: the request never reached the
-        broker, so even an order is not sent twice."""
+        `RECONNECT_FOR` seconds. A connect failure is always retried: the request never reached the
+        broker. A connection lost before the answer (the broker died mid-request) is retried only
+        when a second copy cannot do anything twice: reads, cancels (a second cancel answers 422) and
+        order submits, which carry a client_order_id (the broker answers a repeat with the first
+        order)."""
         deadline = time.monotonic() + RECONNECT_FOR
         delay = 0.1
         while True:
@@ -224,8 +227,11 @@ class LiveContext:
             except (httpx.ConnectError, httpx.ConnectTimeout):
                 if time.monotonic() + delay > deadline:
                     raise
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                if not _repeatable(method, path, kwargs) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:
         r = self._send("GET", path, params=params)
@@ -247,6 +253,19 @@ class LiveContext:
             TradeUpdate(event="rejected", order=order_to_alpaca(order), timestamp=now)
         )
         return order
+
+
+def _repeatable(method: str, path: str, kwargs: dict[str, Any]) -> bool:
+    """Whether sending this request again is safe when the first copy's fate is unknown."""
+    if method in ("GET", "DELETE"):
+        return True
+    body = kwargs.get("json")
+    return (
+        method == "POST"
+        and path == "/v2/orders"
+        and isinstance(body, dict)
+        and bool(body.get("client_order_id"))
+    )
 
 
 def _message(r: httpx.Response) -> str:
