@@ -240,11 +240,12 @@ class GroupCommit:
         except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
             await self._refuse_all(batch, screening, exc)
             return
-        except psycopg.Error:
+        except psycopg.Error as exc:
             # A value one order carries (e.g. out of NUMERIC's range) failed the whole batch: book the
             # approved ones one by one (risk is not asked again), so that only that order fails.
-            if not screening.done():
-                await asyncio.wait([screening])
+            if not await _screening_done(batch, screening):
+                await self._refuse_all(batch, screening, exc)
+                return
             booked = []
             for item in batch:
                 if not item.approved:
@@ -276,6 +277,8 @@ class GroupCommit:
         keys = sorted({account_lock_key(a) for a in ids})
         params = {"k": keys, "a": ids, "s": sorted({b.symbol for b in batch})}
         rows: list[NewOrder[Any, Any]] = []
+        #: a client_order_id taken earlier in this batch: answered once the first one is committed
+        repeats: list[NewOrder[Any, Any]] = []
         cur = None
         async with self.pool.connection() as conn:
             # One pipeline: BEGIN + the account locks + the read (one round trip), the checks here,
@@ -294,11 +297,7 @@ class GroupCommit:
                         same[(r["id"], symbol, side)] = Decimal(open_qty)
                     held[r["id"]] = [[symbol, qty] for symbol, qty in r["held"] or []]
                 if screening is not None:
-                    for item, refusal in zip(batch, await screening, strict=True):
-                        if refusal is None:
-                            item.approved = True
-                        else:
-                            _settle(item, exc=refusal)
+                    _screened(batch, await screening)
                 # Short positions count at market value: their prices, read once for the batch.
                 shorts = sorted({h[0] for rows_ in held.values() for h in rows_ if h[1].startswith("-")})
                 prices = await self.prices(shorts) if shorts else {}
@@ -308,7 +307,7 @@ class GroupCommit:
                         continue
                     key = (item.account_id, item.values["client_order_id"])
                     if key in coids:  # the same client_order_id twice in one batch: the first wins
-                        self._duplicate(item)
+                        repeats.append(item)
                         continue
                     if item.account_id not in cash:
                         self._refuse(item, NoAccount())
@@ -352,6 +351,8 @@ class GroupCommit:
                 booked.append((item, {**NEW_ORDER_STATE, **item.values}))
             else:  # a concurrent request with the same client_order_id won
                 self._duplicate(item)
+        for item in repeats:
+            self._duplicate(item)
         return booked
 
     def _refuse(self, item: NewOrder[Any, Any], exc: BaseException) -> None:
@@ -370,11 +371,7 @@ class GroupCommit:
         exc: BaseException,
     ) -> None:
         """The batch failed as a whole (e.g. the database is gone): what risk approved is released."""
-        if not screening.done():
-            await asyncio.wait([screening])
-        if not screening.cancelled() and screening.exception() is None:
-            for item, refusal in zip(batch, screening.result(), strict=True):
-                item.approved = item.approved or refusal is None
+        await _screening_done(batch, screening)
         for item in batch:
             if item.approved:
                 self._refuse(item, exc)
@@ -384,6 +381,28 @@ class GroupCommit:
 
 class NoAccount(Exception):
     """The account of a submit is gone (deleted while the order was in flight)."""
+
+
+async def _screening_done(
+    batch: Sequence[NewOrder[Any, Any]], screening: asyncio.Future[list[BaseException | None]]
+) -> bool:
+    """Wait for risk's answers on `batch` and apply them (`_screened`); False if there are none."""
+    if not screening.done():
+        await asyncio.wait([screening])
+    if screening.cancelled() or screening.exception() is not None:
+        return False
+    _screened(batch, screening.result())
+    return True
+
+
+def _screened(batch: Sequence[NewOrder[Any, Any]], refusals: Sequence[BaseException | None]) -> None:
+    """Risk's answers on `batch`: the approved orders marked, the refused ones answered. Applying them
+    again changes nothing."""
+    for item, refusal in zip(batch, refusals, strict=True):
+        if refusal is None:
+            item.approved = True
+        else:
+            _settle(item, exc=refusal)
 
 
 def _refusal(exc: BaseException) -> str:

@@ -1,0 +1,129 @@
+"""The group commit on its own, on the broker's real schema: every submit of a batch gets its own
+answer whatever the others do (risk refuses one, Postgres refuses another's value), and an order
+refused after risk approved it is released."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from papertrade.timeutil import utcnow
+from papertrade_broker import hotpath
+from tests.broker.conftest import Broker
+
+
+class Refused(Exception):
+    pass
+
+
+def _order(account_id: UUID, coid: str, qty: str = "1") -> hotpath.NewOrder[Any, Any]:
+    now = utcnow()
+    order_id = uuid.uuid4()
+    values = {
+        "id": order_id,
+        "account_id": account_id,
+        "client_order_id": coid,
+        "symbol": "AAPL",
+        "side": "buy",
+        "type": "market",
+        "time_in_force": "day",
+        "qty": Decimal(qty),
+        "notional": None,
+        "limit_price": None,
+        "stop_price": None,
+        "all_or_none": False,
+        "extended_hours": False,
+        "status": "pending_new",
+        "reserve_price": Decimal("100"),
+        "reserved": Decimal(0),
+        "created_at": now,
+        "updated_at": now,
+        "submitted_at": now,
+    }
+    return hotpath.NewOrder(None, None, values, now)
+
+
+async def test_each_submit_of_a_batch_gets_its_own_answer(broker: Broker) -> None:
+    account = UUID(broker.new_account()["id"])
+    released: list[tuple[str, str]] = []
+    routed: list[str] = []
+    writer, pool = await _writer(broker, released, routed)
+    try:
+        items = [_order(account, "risky"), _order(account, "nul\x00"), _order(account, "good")]
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(writer.submit(i) for i in items), return_exceptions=True), 30
+        )
+    finally:
+        await writer.stop()
+        await pool.close()
+    risky, nul, good = answers
+    assert isinstance(risky, Refused)
+    assert isinstance(nul, psycopg.DataError)
+    assert isinstance(good, Mapping) and good["client_order_id"] == "good" and good["filled_qty"] == 0
+    assert routed == ["good"]
+    assert [coid for coid, _ in released] == ["nul\x00"]  # approved by risk, then refused: handed back
+    assert _coids(broker, account) == ["good"]
+
+
+async def test_a_client_order_id_twice_in_a_batch_is_answered_after_the_first_commits(broker: Broker) -> None:
+    """The repeat is answered None (the caller then reads the first order): only once that order is
+    committed, or the caller would find nothing."""
+    account = UUID(broker.new_account()["id"])
+    released: list[tuple[str, str]] = []
+    routed: list[str] = []
+    seen_at_answer: list[list[str]] = []
+    writer, pool = await _writer(broker, released, routed)
+    try:
+        first, repeat = _order(account, "twice"), _order(account, "twice")
+        repeat.done.add_done_callback(lambda _: seen_at_answer.append(_coids(broker, account)))
+        answers = await asyncio.wait_for(asyncio.gather(writer.submit(first), writer.submit(repeat)), 30)
+    finally:
+        await writer.stop()
+        await pool.close()
+    assert answers[0] is not None and answers[0]["id"] == first.values["id"]
+    assert answers[1] is None
+    assert seen_at_answer == [["twice"]]
+    assert released == [("twice", "duplicate client_order_id")]
+
+
+async def _writer(
+    broker: Broker, released: list[tuple[str, str]], routed: list[str]
+) -> tuple[hotpath.GroupCommit, Any]:
+    """A group commit on the broker's database: risk refuses client_order_id `risky` (after round trip
+    1 has begun), buying power passes, releases and routes are recorded."""
+
+    async def screen(batch: Sequence[hotpath.NewOrder[Any, Any]]) -> list[BaseException | None]:
+        await asyncio.sleep(0.05)  # risk answers after round trip 1
+        return [Refused("risk: no") if b.values["client_order_id"] == "risky" else None for b in batch]
+
+    async def check(*_: Any) -> Decimal:
+        return Decimal(0)
+
+    async def prices(_: Sequence[str]) -> dict[str, Decimal]:
+        return {}
+
+    def release(item: hotpath.NewOrder[Any, Any], reason: str) -> None:
+        released.append((item.values["client_order_id"], reason))
+
+    async def route(item: hotpath.NewOrder[Any, Any], row: Mapping[str, Any]) -> None:
+        routed.append(row["client_order_id"])
+
+    pool = hotpath.new_pool(broker.database_url, 2)
+    await pool.open()
+    writer = hotpath.GroupCommit(
+        pool, screen=screen, check=check, prices=prices, release=release, route=route
+    )
+    writer.start()
+    return writer, pool
+
+
+def _coids(broker: Broker, account: UUID) -> list[str]:
+    with psycopg.connect(hotpath.libpq_url(broker.database_url)) as conn:
+        rows = conn.execute("select client_order_id from orders where account_id = %s", (account,)).fetchall()
+    return [r[0] for r in rows]
