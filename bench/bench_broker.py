@@ -271,8 +271,17 @@ async def _load(
 async def _load_wrk(
     url: str, accounts: list[dict[str, Any]], seconds: float, counting: Callable[[], None]
 ) -> dict[str, Any]:
-    """`seconds` of load from wrk (one thread per core, one connection per client), after a warm-up
-    run that has every account submit at least once."""
+    """`seconds` of load from wrk (one thread per core, one connection per client), after every key
+    pair has been verified once (its scrypt is not part of the load) and a warm-up run that has every
+    account submit at least once."""
+    async with aiohttp.ClientSession() as session:
+
+        async def verified(acct: dict[str, Any]) -> None:
+            async with session.get(f"{url}/v2/account", headers=_headers(acct)) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"GET /v2/account answered {r.status}: {await r.text()}")
+
+        await asyncio.gather(*(verified(a) for a in accounts))
     with tempfile.TemporaryDirectory(prefix="bench-broker-wrk-") as tmp:
         script = Path(tmp) / "orders.lua"
         script.write_text(_wrk_script(accounts))
