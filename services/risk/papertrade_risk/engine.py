@@ -337,7 +337,14 @@ class RiskChecker:
         flat: list[str] = []
         for account, token in held:
             flat += (account, token)
-        item = {"op": "ren", "r": self.replica, "ms": int(self.lease * 1000), "accts": flat}
+        # registered as live (risk.ctl waits for its confirmation) only once it listens on NATS
+        item = {
+            "op": "ren",
+            "r": self.replica,
+            "ms": int(self.lease * 1000),
+            "accts": flat,
+            "reg": self.nc is not None,
+        }
         result = await self.batcher.call(orjson.dumps(item))
         lost = set(result[1]) if isinstance(result[1], list) else set()
         self.kill_global = result[2] or None
@@ -679,11 +686,11 @@ class RiskChecker:
         waiters: list[asyncio.Future[str]],
     ) -> Callable[[Any], Awaitable[None]]:
         async def cont(result: Any) -> None:
-            if slot.token != token:  # lost or handed back meanwhile
-                for w in waiters:
-                    _settle(w, RuntimeError("risk lost the account's lease; not written"))
-                return
             if isinstance(result, BaseException):
+                if slot.token != token:  # lost or handed back meanwhile: nobody may write it now
+                    for w in waiters:
+                        _settle(w, RuntimeError("risk lost the account's lease; not written"))
+                    return
                 # Redis unreachable: keep the changes (under newer ones) and try again a little later
                 w_open, w_pos, w_day, w_seen, w_rate = written
                 slot.w_open = {**w_open, **slot.w_open}
@@ -702,7 +709,8 @@ class RiskChecker:
                 return
             for w in waiters:
                 _settle(w, RuntimeError(f"risk write refused: {result[0]}"))
-            self._lose(account, slot, f"write refused ({result[0]}): another replica took the lease")
+            if slot.token == token:
+                self._lose(account, slot, f"write refused ({result[0]}): another replica took the lease")
 
         return cont
 

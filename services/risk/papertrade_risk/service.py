@@ -95,7 +95,6 @@ class RiskService:
         other replicas forward to the owner), `risk.ctl`, trade prints (marks) and `risk.release`."""
         nc = await self.ctx.links.wait_nats()
         checker = self.checker
-        checker.nc = nc
         loop = asyncio.get_running_loop()
 
         async def on_check(msg: Msg) -> None:
@@ -159,6 +158,12 @@ class RiskService:
                 pending_bytes_limit=big_bytes,
             )
         )
+        await nc.flush()  # risk.ctl is heard before this replica registers as live
+        checker.nc = nc  # forwarding on; registered as live (risk.ctl) from this renewal on
+        try:
+            await checker.renew()
+        except Exception as exc:
+            _log.warning("first lease renewal failed", error=repr(exc))
         self._subs.append(
             await nc.subscribe(
                 subjects.RISK_CHECK,

@@ -109,8 +109,7 @@ for i = 2, #ARGV do
         lost[#lost + 1] = it.accts[j]
       end
     end
-    local now = nowms()
-    redis.call('HSET', P .. 'replicas', it.r, now + it.ms)
+    if it.reg then redis.call('HSET', P .. 'replicas', it.r, nowms() + it.ms) end
     res = {'ren', lost, redis.call('GET', P .. 'kill:global') or ''}
   elseif op == 'rel' then
     if redis.call('GET', P .. 'own:' .. a) == it.tok then redis.call('DEL', P .. 'own:' .. a) end
