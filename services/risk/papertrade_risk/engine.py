@@ -78,6 +78,14 @@ Reply = Callable[[RiskDecision], Awaitable[None]]
 
 
 @dataclass(slots=True)
+class CachedAccount:
+    """An account's state as read (from this replica's memory when it owns it, else from Redis)."""
+
+    state: AccountRiskState
+    limits: Limits
+
+
+@dataclass(slots=True)
 class _Slot:
     """One account as this replica sees it: owned here (token set), being acquired, or owned elsewhere."""
 
@@ -141,11 +149,14 @@ class _Job:
 
 
 @dataclass(slots=True)
-class CachedAccount:
-    """An account's state as read (from this replica's memory when it owns it, else from Redis)."""
+class _Written:
+    """One account's changes in a write-behind batch, kept until Redis answered."""
 
-    state: AccountRiskState
-    limits: Limits
+    account: str
+    slot: _Slot
+    token: str
+    changes: tuple[dict[str, str], dict[str, str], str, list[str], bool]
+    waiters: list[asyncio.Future[str]]
 
 
 class RiskChecker:
@@ -651,68 +662,80 @@ class RiskChecker:
             self._flush_handle = asyncio.get_running_loop().call_later(self.flush_interval, self._flush)
 
     def _flush(self) -> None:
-        """One write-behind batch: an item per dirty account (the batcher sends them in one call)."""
+        """One write-behind batch: one script item with an entry per dirty account."""
         self._flush_handle = None
         dirty, self._dirty = self._dirty, set()
+        entries: list[dict[str, Any]] = []
+        batch: list[_Written] = []
         for account in dirty:
             slot = self.slots.get(account)
             if slot is None or slot.token is None or not slot.dirty:
                 continue
-            item = {
-                "op": "w",
-                "a": account,
-                "tok": slot.token,
-                "o": [x for pair in slot.w_open.items() for x in pair],
-                "p": [x for pair in slot.w_pos.items() for x in pair],
-                "day": slot.w_day,
-                "seen": slot.w_seen,
-                "rn": f"{slot.bucket.tokens:.6f}" if slot.w_rate and slot.bucket is not None else "",
-                "rt": f"{slot.bucket.at:.6f}" if slot.w_rate and slot.bucket is not None else "",
-            }
-            written = (dict(slot.w_open), dict(slot.w_pos), slot.w_day, list(slot.w_seen), slot.w_rate)
-            waiters = slot.w_waiters
+            rate = slot.bucket if slot.w_rate else None
+            entries.append(
+                {
+                    "a": account,
+                    "tok": slot.token,
+                    "o": [x for pair in slot.w_open.items() for x in pair],
+                    "p": [x for pair in slot.w_pos.items() for x in pair],
+                    "day": slot.w_day,
+                    "seen": slot.w_seen,
+                    "rn": f"{rate.tokens:.6f}" if rate is not None else "",
+                    "rt": f"{rate.at:.6f}" if rate is not None else "",
+                }
+            )
+            batch.append(
+                _Written(
+                    account,
+                    slot,
+                    slot.token,
+                    (slot.w_open, slot.w_pos, slot.w_day, slot.w_seen, slot.w_rate),
+                    slot.w_waiters,
+                )
+            )
             slot.w_open, slot.w_pos, slot.w_day, slot.w_seen, slot.w_rate = {}, {}, "", [], False
             slot.w_waiters = []
-            self.batcher.submit(
-                orjson.dumps(item), self._written(account, slot, slot.token, written, waiters)
-            )
+        if not entries:
+            return
 
-    def _written(
-        self,
-        account: str,
-        slot: _Slot,
-        token: str,
-        written: tuple[dict[str, str], dict[str, str], str, list[str], bool],
-        waiters: list[asyncio.Future[str]],
-    ) -> Callable[[Any], Awaitable[None]]:
         async def cont(result: Any) -> None:
             if isinstance(result, BaseException):
-                if slot.token != token:  # lost or handed back meanwhile: nobody may write it now
-                    for w in waiters:
-                        _settle(w, RuntimeError("risk lost the account's lease; not written"))
-                    return
-                # Redis unreachable: keep the changes (under newer ones) and try again a little later
-                w_open, w_pos, w_day, w_seen, w_rate = written
-                slot.w_open = {**w_open, **slot.w_open}
-                slot.w_pos = {**w_pos, **slot.w_pos}
-                slot.w_day = slot.w_day or w_day
-                slot.w_seen = w_seen + slot.w_seen
-                slot.w_rate = slot.w_rate or w_rate
-                slot.w_waiters = waiters + slot.w_waiters
-                self._dirty.add(account)
-                if self._flush_handle is None:
-                    self._flush_handle = asyncio.get_running_loop().call_later(RETRY_FLUSH, self._flush)
+                for w in batch:
+                    self._unwritten(w)
                 return
-            if result[0] == "ok":
-                for w in waiters:
-                    _settle(w, "applied")
-                return
-            for w in waiters:
-                _settle(w, RuntimeError(f"risk write refused: {result[0]}"))
-            if slot.token == token:
-                self._lose(account, slot, f"write refused ({result[0]}): another replica took the lease")
+            statuses = result[1] if isinstance(result[1], list) else []
+            for w, status in zip(batch, statuses, strict=False):
+                self._written(w, status)
 
-        return cont
+        self.batcher.submit(orjson.dumps({"op": "w", "a": "", "ws": entries}), cont)
+
+    def _written(self, w: _Written, status: str) -> None:
+        if status == "ok":
+            for f in w.waiters:
+                _settle(f, "applied")
+            return
+        for f in w.waiters:
+            _settle(f, RuntimeError(f"risk write refused: {status}"))
+        if w.slot.token == w.token:
+            self._lose(w.account, w.slot, f"write refused ({status}): another replica took the lease")
+
+    def _unwritten(self, w: _Written) -> None:
+        """The batch did not reach Redis: keep its changes (under newer ones) and try again later."""
+        slot = w.slot
+        if slot.token != w.token:  # lost or handed back meanwhile: nobody may write it now
+            for f in w.waiters:
+                _settle(f, RuntimeError("risk lost the account's lease; not written"))
+            return
+        w_open, w_pos, w_day, w_seen, w_rate = w.changes
+        slot.w_open = {**w_open, **slot.w_open}
+        slot.w_pos = {**w_pos, **slot.w_pos}
+        slot.w_day = slot.w_day or w_day
+        slot.w_seen = w_seen + slot.w_seen
+        slot.w_rate = slot.w_rate or w_rate
+        slot.w_waiters = w.waiters + slot.w_waiters
+        self._dirty.add(w.account)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(RETRY_FLUSH, self._flush)
 
     def _drop_writes(self, slot: _Slot, exc: BaseException) -> None:
         for w in slot.w_waiters:

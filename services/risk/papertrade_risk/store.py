@@ -19,8 +19,9 @@ Keys (prefix `papertrade.keys.RISK_PREFIX`, `pt:risk:`):
 | `log` · `log:<account>` | capped lists of recent decisions (JSON, newest first; `AUDIT_SCRIPT`) |
 
 One replica owns an account at a time (`own:<account>`, taken with `acq`, renewed with `ren`): it
-decides from memory and writes the changes behind with `w` items, which the script applies only
-while `own:<account>` still holds the writer's token (replica and fence). The script answers one
+decides from memory and writes the changes behind with one `w` item per flush (an entry per
+account), each entry applied only while `own:<account>` still holds the writer's token (replica
+and fence). The script answers one
 JSON document per batch (parsing nested RESP arrays in Python is slow); calls from many concurrent
 callers are batched into one script call (`LuaBatcher`).
 """
@@ -63,32 +64,37 @@ for i = 2, #ARGV do
   local op, a = it.op, it.a
   local res
   if op == 'w' then
-    if redis.call('GET', P .. 'own:' .. a) ~= it.tok then
-      res = {'fenced'}
-    else
-      for j = 1, #it.o, 2 do
-        if it.o[j + 1] == '' then
-          redis.call('HDEL', k(a, 'open'), it.o[j])
-        else
-          redis.call('HSET', k(a, 'open'), it.o[j], it.o[j + 1])
+    local st = {}
+    for n, w in ipairs(it.ws) do
+      local a = w.a
+      if redis.call('GET', P .. 'own:' .. a) ~= w.tok then
+        st[n] = 'fenced'
+      else
+        for j = 1, #w.o, 2 do
+          if w.o[j + 1] == '' then
+            redis.call('HDEL', k(a, 'open'), w.o[j])
+          else
+            redis.call('HSET', k(a, 'open'), w.o[j], w.o[j + 1])
+          end
         end
-      end
-      for j = 1, #it.p, 2 do
-        if it.p[j + 1] == '' then
-          redis.call('HDEL', k(a, 'pos'), it.p[j])
-        else
-          redis.call('HSET', k(a, 'pos'), it.p[j], it.p[j + 1])
+        for j = 1, #w.p, 2 do
+          if w.p[j + 1] == '' then
+            redis.call('HDEL', k(a, 'pos'), w.p[j])
+          else
+            redis.call('HSET', k(a, 'pos'), w.p[j], w.p[j + 1])
+          end
         end
+        if w.day ~= '' then redis.call('SET', k(a, 'day'), w.day) end
+        for _, dk in ipairs(w.seen) do redis.call('SET', dk, '1', 'EX', 259200) end
+        if w.rn ~= '' then
+          redis.call('HSET', k(a, 'rate'), 'n', w.rn, 't', w.rt)
+          redis.call('EXPIRE', k(a, 'rate'), 3600)
+        end
+        redis.call('SADD', P .. 'accounts', a)
+        st[n] = 'ok'
       end
-      if it.day ~= '' then redis.call('SET', k(a, 'day'), it.day) end
-      for _, dk in ipairs(it.seen) do redis.call('SET', dk, '1', 'EX', 259200) end
-      if it.rn ~= '' then
-        redis.call('HSET', k(a, 'rate'), 'n', it.rn, 't', it.rt)
-        redis.call('EXPIRE', k(a, 'rate'), 3600)
-      end
-      redis.call('SADD', P .. 'accounts', a)
-      res = {'ok'}
     end
+    res = {'w', st}
   elseif op == 'acq' then
     local key = P .. 'own:' .. a
     local cur = redis.call('GET', key)
