@@ -181,6 +181,8 @@ class RiskChecker:
         self.slots: dict[str, _Slot] = {}
         self.marks: dict[str, Decimal] = {}
         self.kill_global: str | None = None
+        #: when `risk.ctl` last set the global kill switch (Redis answers sent before it are older)
+        self._kill_ctl_at = 0.0
         #: why Redis is considered unreachable (the service's watch), else None
         self.redis_down: str | None = None
         self._mark_at: dict[str, float] = {}
@@ -285,7 +287,7 @@ class RiskChecker:
     def ctl_kill(self, scope: str | None, text: str | None) -> None:
         """A kill switch engaged (`text`) or released (None); `scope` None is the global one."""
         if scope is None:
-            self.kill_global = text
+            self.kill_global, self._kill_ctl_at = text, time.monotonic()
             return
         slot = self.slots.get(scope)
         if slot is None:
@@ -358,7 +360,7 @@ class RiskChecker:
         }
         result = await self.batcher.call(orjson.dumps(item))
         lost = set(result[1]) if isinstance(result[1], list) else set()
-        self.kill_global = result[2] or None
+        self._global_kill_from_redis(result[2], now)
         until = now + self.lease * 0.75
         for account, token in held:
             current = self.slots.get(account)
@@ -390,6 +392,12 @@ class RiskChecker:
             await self.batcher.call(orjson.dumps({"op": "bye", "a": "", "r": self.replica}))
         except Exception as exc:
             _log.debug("replica not deregistered", error=repr(exc))
+
+    def _global_kill_from_redis(self, text: str, sent: float) -> None:
+        """The global kill switch as a script call sent at `sent` read it, unless `risk.ctl` told
+        this replica something newer meanwhile."""
+        if sent > self._kill_ctl_at:
+            self.kill_global = text or None
 
     # --- routing -----------------------------------------------------------------------------------
 
@@ -480,7 +488,7 @@ class RiskChecker:
                 return
             if result[0] == "own":
                 slot.token, slot.valid_until, slot.owner = result[1], sent + self.lease * 0.75, None
-                self.kill_global = result[3] or None
+                self._global_kill_from_redis(result[3], sent)
                 if not result[2].get("lim"):
                     slot.loading = True  # limits come from Postgres first (not from inside the batch loop)
                     self._spawn(self._load_limits(account, slot, slot.token))
