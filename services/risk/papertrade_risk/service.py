@@ -287,10 +287,12 @@ class RiskService:
                 await asyncio.sleep(0.5)
 
     async def handle(self, msgs: Sequence[Msg]) -> None:
-        """Apply a fetched batch in order (one Lua round trip per report that changes something)."""
-        for msg in msgs:
+        """Apply a fetched batch: every report is started in order (each account's owner applies them
+        in that order), then each is acked once its write reached Redis (nak: redelivered)."""
+        applying = [asyncio.ensure_future(self._apply(msg)) for msg in msgs]
+        for msg, task in zip(msgs, applying, strict=True):
             try:
-                await self._apply(msg)
+                await task
             except Exception as exc:
                 _log.warning("execution report not applied; redelivery", error=repr(exc))
                 await msg.nak(delay=1.0)
