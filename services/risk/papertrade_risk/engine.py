@@ -169,7 +169,7 @@ class RiskChecker:
         replica: str | None = None,
         *,
         lease: float = 2.0,
-        flush: float = 0.001,
+        flush: float = 0.005,
     ) -> None:
         self.batcher = batcher
         self.db = engine

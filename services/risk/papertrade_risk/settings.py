@@ -21,4 +21,4 @@ class RiskSettings(ServiceSettings):
     #: Seconds an account's ownership lease lasts; the owner renews it every quarter (`RISK_LEASE`).
     lease: float = Field(2.0, gt=0.05, le=60.0, validation_alias="RISK_LEASE")
     #: Seconds the owner waits before writing its state changes behind to Redis (`RISK_FLUSH`).
-    flush: float = Field(0.001, ge=0.0, le=1.0, validation_alias="RISK_FLUSH")
+    flush: float = Field(0.005, ge=0.0, le=1.0, validation_alias="RISK_FLUSH")
