@@ -23,7 +23,9 @@ changing between two runs.
 
 Checks are real: 200 accounts with limits on every rule (qty, notional, position, gross exposure,
 daily loss, rate, collar, symbols), a mark in Redis, orders that pass; each approval reserves open
-exposure through the Lua compare-and-set. Prints a table and writes bench/results/risk.json.
+exposure in the owning replica's memory, written behind to Redis (`RISK_FLUSH`; the env is passed
+on, so `RISK_FLUSH=0.005 bench/bench_risk.py` measures another interval). Prints a table and writes
+bench/results/risk.json.
 """
 
 from __future__ import annotations

@@ -34,6 +34,23 @@ async def _decisions(url: str, account: uuid.UUID) -> list[Any]:
     return rows
 
 
+async def _replica(url: str) -> Any:
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.get(f"{url}/v1/replica", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def _forwarded(url: str) -> float:
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(f"{url}/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("papertrade_risk_forwarded_total ")
+    )
+
+
 async def test_two_replicas_never_approve_past_a_limit(
     start_services: ServiceStarter, infra: Endpoints
 ) -> None:
@@ -55,9 +72,14 @@ async def test_two_replicas_never_approve_past_a_limit(
                 for d in decisions
                 if d.decision == "reject"
             )
-        # both replicas took part (queue group), and agree on what is reserved
+        # one replica decides per account (its owner): the other forwarded what it received (queue
+        # group), and both agree on what is reserved
         rows = await _decisions(url_a, account) + await _decisions(url_b, account)
-        assert len({row["replica"] for row in rows}) == 2
+        assert len({row["replica"] for row in rows}) == 1
+        owners = [url for url in (url_a, url_b) if str(account) in (await _replica(url))["accounts"]]
+        assert len(owners) == 1
+        other = url_b if owners[0] == url_a else url_a
+        assert await _forwarded(other) > 0
         async with httpx.AsyncClient(timeout=10) as client:
             for url in (url_a, url_b):
                 e = (await client.get(f"{url}/v1/exposure/{account}")).json()

@@ -1,10 +1,11 @@
 """The risk service: pre-trade checks on `risk.check`, limits and kill switches over REST.
 
 Start-up: Alembic migrations (`alembic_version_risk`), then in the background: the `risk.check`
-responder (queue group `risk`), the durable consumer of `ex.exec.>` that keeps positions and open
-exposure current, the decision audit writer and the kill-switch restorer. Limits and kill switches
-persist in Postgres (durable, the REST source of truth); their live copy, positions, open exposure and
-rate buckets are in Redis, changed atomically by one Lua script (`papertrade_risk.store`).
+responder (queue group `risk`) and this replica's own subject, `risk.ctl`, the lease loop, the Redis
+watch, the durable consumer of `ex.exec.>` that keeps positions and open exposure current, the
+decision audit writer and the kill-switch restorer. Limits and kill switches persist in Postgres
+(durable, the REST source of truth); their live copy, positions, open exposure and rate buckets are
+in Redis, written behind by the account's owner through one Lua script (`papertrade_risk.store`).
 """
 
 from __future__ import annotations
@@ -53,11 +54,23 @@ def build_app(settings: RiskSettings | None = None) -> FastAPI:
             max_connections=64,
         )
         ctx.state["risk_redis"] = redis
+        # the Redis watch blocks on a connection of its own (a pool connection held for the watch)
+        watch = Redis.from_url(
+            settings.redis_url,
+            decode_responses=False,
+            socket_timeout=settings.redis_timeout + 1.0,
+            socket_connect_timeout=settings.redis_timeout,
+            retry_on_timeout=False,
+            max_connections=2,
+        )
+        ctx.state["risk_watch"] = watch
         batcher = LuaBatcher(settings.redis_url, settings.redis_timeout)
         ctx.state["risk_batcher"] = batcher
-        checker = RiskChecker(batcher, ctx.links.engine)
-        svc = RiskService(ctx, checker, redis, settings.durable)
+        checker = RiskChecker(batcher, ctx.links.engine, lease=settings.lease, flush=settings.flush)
+        svc = RiskService(ctx, checker, redis, settings.durable, watch=watch)
         ctx.state["risk"] = svc
+        ctx.spawn(checker.run_leases(ctx.stopping), "risk-leases")
+        ctx.spawn(svc.watch_redis(), "risk-redis-watch")
         ctx.spawn(svc.serve(), "risk-check-responder")
         ctx.spawn(svc.consume(), "risk-exec-consumer")
         ctx.spawn(svc.audit_writer(), "risk-audit-writer")
@@ -67,6 +80,7 @@ def build_app(settings: RiskSettings | None = None) -> FastAPI:
             return {
                 "risk.check": "ok" if svc.subscribed else "not subscribed yet",
                 "ex.exec consumer": "ok" if svc.consuming else "not consuming yet",
+                "ownership": checker.health(),
             }
 
         ctx.state["readiness"] = readiness
@@ -75,9 +89,10 @@ def build_app(settings: RiskSettings | None = None) -> FastAPI:
         svc = ctx.state.get("risk")
         if svc is not None:
             await svc.close()
-        redis = ctx.state.get("risk_redis")
-        if redis is not None:
-            await redis.aclose()
+        for name in ("risk_redis", "risk_watch"):
+            client = ctx.state.get(name)
+            if client is not None:
+                await client.aclose()
         batcher = ctx.state.get("risk_batcher")
         if batcher is not None:
             await batcher.close()
@@ -90,6 +105,6 @@ def build_app(settings: RiskSettings | None = None) -> FastAPI:
         description=(
             "Pre-trade risk checks on NATS `risk.check`: approve, clip or reject every order. REST: "
             "GET/PUT /v1/limits/{account_id} (PUT admin), POST (admin) / GET /v1/kill-switch, "
-            "GET /v1/decisions?account_id=&limit=, GET /v1/exposure/{account_id}."
+            "GET /v1/decisions?account_id=&limit=, GET /v1/exposure/{account_id}, GET /v1/replica (admin)."
         ),
     )

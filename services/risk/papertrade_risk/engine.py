@@ -1,26 +1,28 @@
-"""The risk service's hot path: answer `risk.check` with the pure rules on state kept in Redis.
+"""The risk service's hot path: answer `risk.check` from memory, as the account's owner.
 
-A check decides with `papertrade.risk.check` on the account state this replica caches (limits,
-positions, open orders, and the state's version) and the marks it caches (last trade, else the
-1-minute bar close; pushed by `ex.trade.>`, re-read from Redis in the background after `MARK_TTL`).
-One Lua item then commits the decision atomically (`papertrade_risk.store`): an approval reserves
-the order's open exposure if the version is unchanged, the kill switches are off and a rate token
-is left; a reject is confirmed if the version is unchanged. Orders of one account decided while
-earlier ones are in flight build on their speculative state (each write names the version it
-expects), so a burst costs one round trip. When a write finds another version (another replica, or
-an execution report, wrote first) the account's pending orders wait until its in-flight items are
-answered, then are decided again on the state Redis returned. Replicas therefore never both approve
-orders that together break a limit.
+Each account's live state (limits, positions, open orders, the day's P&L, the order-rate bucket, the
+account's kill switch) is owned by one replica at a time: Redis key `own:<account>` names it, with a
+lease (`RISK_LEASE`, renewed every quarter lease) and a fence token (`papertrade_risk.store`). The
+owner loaded the state from Redis when it took the lease; it decides with `papertrade.risk.check` in
+memory and answers at once, then writes the changes behind (`RISK_FLUSH` later, one Lua call for all
+dirty accounts). The script applies a write only while the lease still holds the writer's token, so
+a replica that lost its lease can never write stale state.
 
-Fails closed: when Redis does not answer, every order is rejected with a reason that says so.
+A replica that receives a check for an account another live replica owns forwards it to that
+replica's own subject (`risk.own.<replica>`) with the original reply subject, so the owner answers
+the requester directly; if nobody owns the account, the receiver takes the lease. Execution reports
+and releases are applied by the owner too, and acknowledged once their write reached Redis.
+
+Fails closed: an owner decides only while its lease is certainly still its own (`lease * 3/4` after
+the last renewal was sent) and while the service's Redis watch sees Redis; otherwise every order is
+rejected with a reason that names Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,11 +39,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from papertrade import codec
 from papertrade.accounts import LIQUIDITY_ACCOUNT_ID
+from papertrade.bus import subjects
 from papertrade.enums import ExecType, Side
 from papertrade.errors import ValidationError
 from papertrade.messages import CancelCmd, ExecReport, RiskCheckRequest, RiskDecision, TradePrint
 from papertrade.money import fmt
 from papertrade.risk import AccountRiskState, Limits, check, reject, reserve_for
+from papertrade.risk.bucket import TokenBucket, take
 from papertrade.risk.state import day_to_json, state_from_redis
 from papertrade_risk.store import LuaBatcher, seen_key
 from papertrade_risk.tables import limits_table
@@ -49,44 +53,79 @@ from papertrade_risk.tables import limits_table
 _log = structlog.get_logger("risk")
 
 DECISIONS = Counter("papertrade_risk_decisions_total", "Risk decisions", ["decision", "rule"])
-CONFLICTS = Counter("papertrade_risk_conflicts_total", "Writes that found another state version")
+FORWARDED = Counter("papertrade_risk_forwarded_total", "Checks and reports forwarded to the owner")
+LEASES_LOST = Counter("papertrade_risk_leases_lost_total", "Account leases lost (expired or fenced)")
 _DECISION_CHILDREN: dict[tuple[str, str], Any] = {}
 
 #: seconds a mark read from Redis is used before it is re-read (in the background)
 MARK_TTL = 1.0
-#: a check re-decided this many times on conflicting writes is refused
-MAX_ATTEMPTS = 50
+#: a job routed more often than this (ownership moving under it) is refused
+MAX_HOPS = 4
+#: header of a forwarded message: how often it was forwarded already
+HOPS_HEADER = "Pt-Risk-Hops"
+#: header of a message on `risk.own.<replica>` that carries an execution report, not a check
+OP_HEADER = "Pt-Risk-Op"
+#: seconds a replica trusts what Redis said about another replica's lease before asking again
+HINT_TTL = 0.5
+#: seconds a forwarded report or array part waits for the owner's answer
+FORWARD_TIMEOUT = 2.0
+#: seconds without activity after which an owner hands an account's lease back
+IDLE_RELEASE = 60.0
+#: seconds between retries of a write-behind batch that failed (Redis unreachable)
+RETRY_FLUSH = 0.05
 
-Reply = Callable[[bytes], Awaitable[None]]
+Reply = Callable[[RiskDecision], Awaitable[None]]
 
 
 @dataclass(slots=True)
 class CachedAccount:
+    """An account's state as read (from this replica's memory when it owns it, else from Redis)."""
+
     state: AccountRiskState
     limits: Limits
-    version: str
 
 
 @dataclass(slots=True)
 class _Slot:
-    """One account as this replica sees it."""
+    """One account as this replica sees it: owned here (token set), being acquired, or owned elsewhere."""
 
-    cached: CachedAccount | None = None
-    #: items sent to Redis and not answered yet
-    inflight: int = 0
-    #: a state load is in flight
+    #: `"<replica> <fence>"` while this replica holds the lease
+    token: str | None = None
+    #: monotonic time until which the lease is certainly still ours
+    valid_until: float = 0.0
+    state: AccountRiskState | None = None
+    limits: Limits | None = None
+    kill: str | None = None
+    bucket: TokenBucket | None = None
+    acquiring: bool = False
+    #: lease taken, state being loaded
     loading: bool = False
-    #: the cached state is known wrong (a write was refused); `fresh` may hold what Redis returned
-    broken: bool = False
-    fresh: dict[str, Any] | None = None
-    #: jobs waiting for a usable state, in arrival order
+    #: another replica's id and until when that is trusted (monotonic)
+    owner: str | None = None
+    owner_until: float = 0.0
+    used: float = 0.0
     waiting: list[_Job] = field(default_factory=list)
+    #: changes not written to Redis yet: order id / symbol -> JSON ('' = delete), day JSON, seen keys
+    w_open: dict[str, str] = field(default_factory=dict)
+    w_pos: dict[str, str] = field(default_factory=dict)
+    w_day: str = ""
+    w_seen: list[str] = field(default_factory=list)
+    w_rate: bool = False
+    #: futures resolved once the changes above reached Redis
+    w_waiters: list[asyncio.Future[str]] = field(default_factory=list)
+    #: `risk.ctl` changes that arrived while the state was being loaded
+    ctl_limits: Limits | None = None
+    ctl_kill: tuple[str | None] | None = None
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.w_open or self.w_pos or self.w_day or self.w_seen or self.w_rate or self.w_waiters)
 
 
 class _Job:
-    """A check (`req`, `reply`) or an execution report to apply (`report`, `future`)."""
+    """A check (`req`, `reply`, `reply_to`) or an execution report to apply (`report`, `future`)."""
 
-    __slots__ = ("account", "attempts", "future", "reply", "report", "req")
+    __slots__ = ("account", "attempts", "future", "hops", "reply", "reply_to", "report", "req")
 
     def __init__(
         self,
@@ -94,41 +133,84 @@ class _Job:
         reply: Reply | None = None,
         report: ExecReport | None = None,
         future: asyncio.Future[str] | None = None,
+        reply_to: str | None = None,
+        hops: int = 0,
     ) -> None:
         self.req = req
         self.reply = reply
         self.report = report
         self.future = future
+        self.reply_to = reply_to
+        self.hops = hops
         self.attempts = 0
         source = req if req is not None else report
         assert source is not None
         self.account = str(source.account_id)
 
 
-class RiskChecker:
-    """One replica's risk checker: caches, the batcher, the decision flow, the audit buffer."""
+@dataclass(slots=True)
+class _Written:
+    """One account's changes in a write-behind batch, kept until Redis answered."""
 
-    def __init__(self, batcher: LuaBatcher, engine: AsyncEngine, replica: str | None = None) -> None:
+    account: str
+    slot: _Slot
+    token: str
+    changes: tuple[dict[str, str], dict[str, str], str, list[str], bool]
+    waiters: list[asyncio.Future[str]]
+
+
+class RiskChecker:
+    """One replica's risk checker: owned accounts in memory, routing, write-behind, the audit buffer."""
+
+    def __init__(
+        self,
+        batcher: LuaBatcher,
+        engine: AsyncEngine,
+        replica: str | None = None,
+        *,
+        lease: float = 2.0,
+        flush: float = 0.005,
+    ) -> None:
         self.batcher = batcher
         self.db = engine
-        self.replica = replica or f"{os.getpid()}"
+        self.replica = replica or uuid.uuid4().hex[:12]
+        self.lease = lease
+        self.flush_interval = flush
+        #: set by the service: forwarding needs it (without it, accounts owned elsewhere are refused)
+        self.nc: Any = None
         self.slots: dict[str, _Slot] = {}
         self.marks: dict[str, Decimal] = {}
+        self.kill_global: str | None = None
+        #: when `risk.ctl` last set the global kill switch (Redis answers sent before it are older)
+        self._kill_ctl_at = 0.0
+        #: why Redis is considered unreachable (the service's watch), else None
+        self.redis_down: str | None = None
         self._mark_at: dict[str, float] = {}
         self._marks_waiting: dict[str, list[_Job]] = {}
         self._marks_refreshing: set[str] = set()
         self._limits_cache: dict[bytes, Limits] = {}
-        self._tokens = itertools.count(1)
-        self._token_prefix = f"{self.replica}-{time.time_ns():x}-"
         self._background: set[asyncio.Task[None]] = set()
+        self._dirty: set[str] = set()
+        self._flush_handle: asyncio.TimerHandle | None = None
+        #: execution reports applied here whose write is not confirmed yet: seen key -> its write
+        self._seen: dict[str, asyncio.Future[str]] = {}
         #: decisions not handed to the audit writer yet: (account id, record JSON)
         self.audit: list[tuple[str, bytes]] = []
 
     # --- entry points ------------------------------------------------------------------------------
 
-    def start(self, req: RiskCheckRequest, reply: Reply) -> None:
-        """Begin deciding `req`; `await reply(bytes)` is called with the encoded decision."""
-        self._step(_Job(req=req, reply=reply))
+    def start(
+        self, req: RiskCheckRequest, reply: Reply, reply_to: str | None = None, hops: int = 0
+    ) -> RiskDecision | None:
+        """Begin deciding `req`. A decision made at once is returned (the caller replies and then calls
+        `record`); else `await reply(decision)` follows, or the check was forwarded with `reply_to`."""
+        return self._step(_Job(req=req, reply=reply, reply_to=reply_to, hops=hops))
+
+    def record(self, req: RiskCheckRequest, decision: RiskDecision) -> None:
+        """Queue the audit record and the metric of a decision (after its reply was handed to NATS)."""
+        record = AuditRecord(at=time.time(), replica=self.replica, request=req, decision=decision)
+        self.audit.append((str(req.account_id), codec.encode(record)))
+        _decision_counter(decision.decision, decision.rule or "").inc()
 
     def on_trade(self, data: bytes) -> None:
         """A public trade print (`ex.trade.<symbol>`): the freshest mark of its symbol."""
@@ -139,47 +221,36 @@ class RiskChecker:
         self.marks[print_.symbol] = print_.price
         self._mark_at[print_.symbol] = time.monotonic()
 
-    async def apply_exec(self, report: ExecReport) -> str:
-        """Apply one execution report to the account's state in Redis: `applied`, `dup` or `noop`."""
+    async def apply_exec(self, report: ExecReport, hops: int = 0) -> str:
+        """Apply one execution report as the account's owner (forwarded to it if that is another
+        replica): `applied` once the change reached Redis, `dup` or `noop`."""
         if report.account_id == LIQUIDITY_ACCOUNT_ID:
             return "noop"
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._step(_Job(report=report, future=future))
+        await self._run(_Job(report=report, future=future, hops=hops))
         return await future
 
     async def release(self, cmd: CancelCmd) -> str:
         """Drop the open exposure of an approved order that never reached the book."""
-        report = ExecReport(
-            exec=ExecType.REJECTED,
-            seq=-1,
-            order_id=cmd.order_id,
-            account_id=cmd.account_id,
-            symbol=cmd.symbol,
-            side=Side.BUY,
-            t=cmd.t,
-            reason=cmd.reason,
-        )
-        return await self.apply_exec(report)
+        return await self.apply_exec(_release_report(cmd))
 
     async def snapshot(self, account: str) -> CachedAccount | None:
-        """The account's current state, read from Redis now (limits loaded from Postgres if needed)."""
+        """The account's state: this replica's memory if it owns it, else Redis (written behind by the
+        owner, at most a flush interval late); limits loaded from Postgres if Redis has none."""
+        slot = self.slots.get(account)
+        if slot is not None and slot.token is not None and slot.state is not None and slot.limits is not None:
+            return CachedAccount(slot.state.copy(), slot.limits)
         for _ in range(3):
             result = await self.batcher.call(orjson.dumps({"op": "s", "a": account}))
             acct = self._parse(result[1])
             if acct is not None:
-                return acct
+                return CachedAccount(acct[0], acct[1])
             await self._ensure_limits(account)
         return None
 
     async def set_limits(self, account: str, limits: Limits, *, only_if_absent: bool = False) -> None:
-        """Write the account's limits to Redis and move its version (every replica re-reads them)."""
-        item = {
-            "op": "l",
-            "a": account,
-            "lim": limits.model_dump_json(),
-            "nv": self._token(),
-            "nx": only_if_absent,
-        }
+        """Write the account's limits to Redis (the owner learns them from `risk.ctl`)."""
+        item = {"op": "l", "a": account, "lim": limits.model_dump_json(), "nx": only_if_absent}
         await self.batcher.call(orjson.dumps(item))
 
     async def load_limits(self, account: str) -> Limits:
@@ -197,194 +268,499 @@ class RiskChecker:
         records, self.audit = self.audit, []
         return records
 
-    # --- the flow ----------------------------------------------------------------------------------
+    def owned(self) -> list[str]:
+        """The accounts this replica owns now."""
+        return sorted(a for a, slot in self.slots.items() if slot.token is not None)
 
-    def _step(self, job: _Job) -> None:
-        job.attempts += 1
-        account = job.account
+    # --- control (`risk.ctl`, the lease loop, the Redis watch) ----------------------------------------
+
+    def ctl_limits(self, account: str, limits: Limits) -> None:
+        """New limits for an account (every replica hears them; the owner uses them at once)."""
         slot = self.slots.get(account)
         if slot is None:
+            return
+        if slot.limits is not None and slot.token is not None:
+            slot.limits = limits
+        if slot.acquiring or slot.loading:
+            slot.ctl_limits = limits
+
+    def ctl_kill(self, scope: str | None, text: str | None) -> None:
+        """A kill switch engaged (`text`) or released (None); `scope` None is the global one."""
+        if scope is None:
+            self.kill_global, self._kill_ctl_at = text, time.monotonic()
+            return
+        slot = self.slots.get(scope)
+        if slot is None:
+            return
+        if slot.token is not None:
+            slot.kill = text
+        if slot.acquiring or slot.loading:
+            slot.ctl_kill = (text,)
+
+    def ctl_gone(self, replica: str) -> None:
+        """Another replica stopped: forget that it owned anything."""
+        for slot in self.slots.values():
+            if slot.owner == replica:
+                slot.owner = None
+
+    def redis_lost(self, reason: str) -> None:
+        """The Redis watch lost Redis: decide nothing until it is back and the leases are renewed."""
+        if self.redis_down is None:
+            _log.warning("Redis unreachable: risk checks refused", error=reason)
+        self.redis_down = reason
+
+    def redis_back(self) -> None:
+        if self.redis_down is not None:
+            _log.info("Redis reachable again")
+            self.redis_down = None
+            self._spawn(self.renew())
+
+    def health(self) -> str:
+        """`ok`, or why checks are refused (for /readyz)."""
+        if self.redis_down is not None:
+            return f"Redis unreachable ({self.redis_down}): risk checks refused"
+        return "ok"
+
+    async def run_leases(self, stopping: asyncio.Event) -> None:
+        """Renew this replica's leases every quarter lease (and register it as live) until `stopping`."""
+        while not stopping.is_set():
+            try:
+                await self.renew()
+            except Exception as exc:
+                _log.warning("lease renewal failed", error=repr(exc))
+            try:
+                await asyncio.wait_for(stopping.wait(), self.lease / 4)
+            except TimeoutError:
+                pass
+
+    async def renew(self) -> None:
+        """One renewal of every lease held (idle accounts are handed back instead)."""
+        now = time.monotonic()
+        held: list[tuple[str, str]] = []
+        for account, slot in list(self.slots.items()):
+            if slot.token is None:
+                if not slot.acquiring and not slot.waiting and now - slot.used > IDLE_RELEASE:
+                    del self.slots[account]
+                continue
+            idle = now - slot.used > IDLE_RELEASE and not slot.dirty and not slot.waiting
+            if idle and not slot.loading:
+                self._spawn(self._hand_back(account, slot))
+                continue
+            held.append((account, slot.token))
+        flat: list[str] = []
+        for account, token in held:
+            flat += (account, token)
+        # registered as live (risk.ctl waits for its confirmation) only once it listens on NATS
+        item = {
+            "op": "ren",
+            "r": self.replica,
+            "ms": int(self.lease * 1000),
+            "accts": flat,
+            "reg": self.nc is not None,
+        }
+        result = await self.batcher.call(orjson.dumps(item))
+        lost = set(result[1]) if isinstance(result[1], list) else set()
+        self._global_kill_from_redis(result[2], now)
+        until = now + self.lease * 0.75
+        for account, token in held:
+            current = self.slots.get(account)
+            if current is None or current.token != token:
+                continue
+            if account in lost:
+                self._lose(account, current, "lease expired")
+            else:
+                current.valid_until = until
+
+    async def live_replicas(self) -> list[str]:
+        """The replicas whose registration has not expired (they renew it with their leases)."""
+        result = await self.batcher.call(orjson.dumps({"op": "live", "a": ""}))
+        return [str(r) for r in result[1]] if isinstance(result[1], list) else []
+
+    async def close(self) -> None:
+        """Write what is pending, hand every lease back and deregister (a clean stop)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._flush()
+        for account, slot in list(self.slots.items()):
+            if slot.token is not None:
+                try:
+                    await self._hand_back(account, slot, force=True)
+                except Exception as exc:
+                    _log.warning("lease not handed back", account=account, error=repr(exc))
+        try:
+            await self.batcher.call(orjson.dumps({"op": "bye", "a": "", "r": self.replica}))
+        except Exception as exc:
+            _log.debug("replica not deregistered", error=repr(exc))
+
+    def _global_kill_from_redis(self, text: str, sent: float) -> None:
+        """The global kill switch as a script call sent at `sent` read it, unless `risk.ctl` told
+        this replica something newer meanwhile."""
+        if sent > self._kill_ctl_at:
+            self.kill_global = text or None
+
+    # --- routing -----------------------------------------------------------------------------------
+
+    async def _run(self, job: _Job) -> None:
+        decision = self._step(job)
+        if decision is not None:
+            await self._finish(job, decision)
+
+    def _step(self, job: _Job) -> RiskDecision | None:
+        account = job.account
+        slot = self.slots.get(account)
+        now = time.monotonic()
+        if slot is None:
             slot = self.slots[account] = _Slot()
-        if job.attempts > MAX_ATTEMPTS:
-            self._spawn(
-                self._fail(job, reject("risk_state", "risk state kept changing under this order; try again"))
-            )
-            return
-        if slot.loading or slot.broken or slot.cached is None:
+        slot.used = now
+        if self.redis_down is not None:
+            return self._refuse(job, _unavailable_text(self.redis_down))
+        if slot.token is not None:
+            if slot.state is None:
+                slot.waiting.append(job)
+                return None
+            if now >= slot.valid_until:
+                return self._refuse(job, "the lease on the account could not be renewed in time")
+            if job.req is None:
+                self._spawn(self._apply(job, account, slot))
+                return None
+            if not self._marks_ready(job, slot.state):
+                return None
+            return self._decide(job, account, slot)
+        if slot.acquiring:
             slot.waiting.append(job)
-            if slot.cached is None and not slot.loading and not slot.broken:
-                self._load(account, slot)
-            return
-        if job.req is not None and not self._marks_ready(job, slot.cached):
+            return None
+        if slot.owner is not None and now < slot.owner_until:
+            return self._forward(job, slot.owner)
+        slot.waiting.append(job)
+        self._acquire(account, slot)
+        return None
+
+    def _forward(self, job: _Job, owner: str) -> RiskDecision | None:
+        if self.nc is None or owner == self.replica or job.hops >= MAX_HOPS:
+            return self._refuse(job, "the account's ownership is moving between replicas; try again")
+        FORWARDED.inc()
+        subject = subjects.risk_own(owner)
+        headers = {HOPS_HEADER: str(job.hops + 1)}
+        if job.req is not None and job.reply_to is not None:
+            self._spawn(self.nc.publish(subject, codec.encode(job.req), reply=job.reply_to, headers=headers))
+        else:
+            self._spawn(self._forward_request(job, owner, subject, headers))
+        return None
+
+    async def _forward_request(self, job: _Job, owner: str, subject: str, headers: dict[str, str]) -> None:
+        if job.report is not None:
+            headers[OP_HEADER] = "exec"
+            body = codec.encode(job.report)
+        else:
+            assert job.req is not None
+            body = codec.encode(job.req)
+        try:
+            msg = await self.nc.request(subject, body, timeout=FORWARD_TIMEOUT, headers=headers)
+        except Exception as exc:
+            slot = self.slots.get(job.account)
+            if slot is not None and slot.owner == owner:
+                slot.owner = None
+            await self._fail(job, f"the owner replica {owner} did not answer ({type(exc).__name__})")
             return
         if job.req is not None:
-            self._decide(job, account, slot, slot.cached)
-        else:
-            self._apply(job, account, slot, slot.cached)
-
-    def _decide(self, job: _Job, account: str, slot: _Slot, acct: CachedAccount) -> None:
-        req = job.req
-        assert req is not None
-        decision = check(req, acct.limits, acct.state, self.marks)
-        if decision.decision == "reject":
-            self._send(slot, {"op": "v", "a": account, "v": acct.version}, job, account, decision)
-            return
-        expected, token = acct.version, self._token()
-        reserve_for(acct.state, req, decision, self.marks)
-        acct.version = token
-        oid = str(req.order_id)
-        opened = acct.state.open_orders.get(oid)
-        rate = acct.limits.max_orders_per_second
-        item = {
-            "op": "c",
-            "a": account,
-            "v": expected,
-            "nv": token,
-            "oid": oid,
-            "o": opened.to_json().decode() if opened is not None else "",
-            "rep": str(req.replaces) if req.replaces is not None else "",
-            "rate": str(rate) if rate is not None else "0",
-        }
-        self._send(slot, item, job, account, decision)
-
-    def _apply(self, job: _Job, account: str, slot: _Slot, acct: CachedAccount) -> None:
-        report = job.report
-        assert report is not None and job.future is not None
-        effect = acct.state.apply_exec(report)
-        if effect.empty:
-            if not job.future.done():
-                job.future.set_result("noop")
-            return
-        expected, token = acct.version, self._token()
-        acct.version = token
-        pos_symbol, pos_json = "", ""
-        if effect.position is not None:
-            pos_symbol = effect.position[0]
-            pos_json = effect.position[1].to_json().decode() if effect.position[1] is not None else ""
-        orders: list[str] = []
-        for oid, order in effect.orders:
-            orders += [oid, order.to_json().decode() if order is not None else ""]
-        item = {
-            "op": "a",
-            "a": account,
-            "v": expected,
-            "nv": token,
-            "dk": seen_key(report.symbol, report.seq) if report.seq >= 0 else "",
-            "ps": pos_symbol,
-            "p": pos_json,
-            "ord": orders,
-            "day": day_to_json(*effect.day).decode() if effect.day is not None else "",
-        }
-        self._send(slot, item, job, account, None)
-
-    def _send(
-        self, slot: _Slot, item: dict[str, Any], job: _Job, account: str, decision: RiskDecision | None
-    ) -> None:
-        slot.inflight += 1
-        rate = slot.cached.limits.max_orders_per_second if slot.cached is not None else None
-
-        async def cont(result: Any) -> None:
-            slot.inflight -= 1
-            if isinstance(result, BaseException):
-                slot.broken, slot.fresh = True, None
-                await self._fail(job, _unavailable(result))
+            assert job.reply is not None
+            try:
+                decision = codec.decode(msg.data, RiskDecision)
+            except ValidationError as exc:
+                decision = reject("risk_unavailable", f"unreadable answer of replica {owner}: {exc}")
+            await job.reply(decision)
+        elif job.future is not None and not job.future.done():
+            text = msg.data.decode()
+            if text in ("applied", "dup", "noop"):
+                job.future.set_result(text)
             else:
-                status = result[0]
-                if status == "ok":
-                    await self._succeed(job, decision)
-                elif status == "conflict":
-                    CONFLICTS.inc()
-                    slot.broken, slot.fresh = True, result[1]
-                    slot.waiting.append(job)
-                elif status == "dup":
-                    slot.broken, slot.fresh = True, None
-                    self._resolve(job, "dup")
-                elif status == "killed":
-                    slot.broken = True
-                    await self._fail(job, reject("kill_switch", str(result[1])))
-                elif status == "throttled":
-                    slot.broken = True
-                    await self._fail(
-                        job,
-                        reject(
-                            "max_orders_per_second",
-                            f"max_orders_per_second {fmt(rate)} exceeded",
-                            throttled=True,
-                        ),
-                    )
-                else:
-                    slot.broken = True
-                    await self._fail(job, reject("risk_state", f"risk state error: {result!r}"))
-            if slot.inflight == 0 and slot.broken:
-                self._recover(account, slot)
+                job.future.set_exception(RuntimeError(text))
 
-        self.batcher.submit(orjson.dumps(item), cont)
-
-    def _recover(self, account: str, slot: _Slot) -> None:
-        """Every in-flight item is answered: take the state Redis returned last, or load it."""
-        fresh, slot.fresh = slot.fresh, None
-        slot.broken = False
-        acct = self._parse(fresh) if fresh is not None else None
-        if acct is None:
-            slot.cached = None
-            if slot.waiting:
-                self._load(account, slot)
-            return
-        slot.cached = acct
-        self._resume(slot)
-
-    def _load(self, account: str, slot: _Slot) -> None:
-        slot.loading = True
-        slot.cached = None
+    def _acquire(self, account: str, slot: _Slot) -> None:
+        slot.acquiring = True
+        sent = time.monotonic()
 
         async def cont(result: Any) -> None:
-            slot.loading = False
+            slot.acquiring = False
             if isinstance(result, BaseException):
-                waiting, slot.waiting = slot.waiting, []
-                for job in waiting:
-                    await self._fail(job, _unavailable(result))
+                await self._fail_waiting(slot, _unavailable_text(str(result) or type(result).__name__))
                 return
-            acct = self._parse(result[1])
-            if acct is None:
-                slot.loading = True  # limits come from Postgres first (not from inside the batch loop)
-                self._spawn(self._load_limits_then_reload(account, slot))
-                return
-            slot.cached = acct
-            self._resume(slot)
+            if result[0] == "own":
+                slot.token, slot.valid_until, slot.owner = result[1], sent + self.lease * 0.75, None
+                self._global_kill_from_redis(result[3], sent)
+                if not result[2].get("lim"):
+                    slot.loading = True  # limits come from Postgres first (not from inside the batch loop)
+                    self._spawn(self._load_limits(account, slot, slot.token))
+                    return
+                self._install(slot, result[2])
+            else:
+                owner = str(result[1]).split(" ", 1)[0]
+                pttl = max(float(result[2]), 0.0) / 1000
+                slot.owner, slot.owner_until = owner, time.monotonic() + min(pttl, HINT_TTL)
+            await self._resume(slot)
 
-        self.batcher.submit(orjson.dumps({"op": "s", "a": account}), cont)
+        self.batcher.submit(
+            orjson.dumps({"op": "acq", "a": account, "r": self.replica, "ms": int(self.lease * 1000)}), cont
+        )
 
-    async def _load_limits_then_reload(self, account: str, slot: _Slot) -> None:
+    async def _load_limits(self, account: str, slot: _Slot, token: str) -> None:
         try:
             await self._ensure_limits(account)
+            result = await self.batcher.call(orjson.dumps({"op": "s", "a": account}))
         except Exception as exc:
             slot.loading = False
-            waiting, slot.waiting = slot.waiting, []
-            for job in waiting:
-                await self._fail(job, _unavailable(exc))
+            if slot.token == token:
+                await self._hand_back(account, slot, force=True)
+            await self._fail_waiting(slot, _unavailable_text(str(exc) or type(exc).__name__))
             return
         slot.loading = False
-        self._load(account, slot)
+        if slot.token != token:  # lost meanwhile
+            await self._resume(slot)
+            return
+        self._install(slot, result[1])
+        await self._resume(slot)
+
+    def _install(self, slot: _Slot, snap: Any) -> None:
+        parsed = self._parse(snap)
+        if parsed is None:
+            parsed = (AccountRiskState(), Limits())
+        slot.state, slot.limits = parsed
+        slot.kill = snap.get("kill") or None
+        rate = snap.get("rate")
+        slot.bucket = None
+        if isinstance(rate, list) and len(rate) == 2 and rate[0] and rate[1]:
+            slot.bucket = TokenBucket(float(rate[0]), float(rate[1]))
+        if slot.ctl_limits is not None:
+            slot.limits, slot.ctl_limits = slot.ctl_limits, None
+        if slot.ctl_kill is not None:
+            slot.kill, slot.ctl_kill = slot.ctl_kill[0], None
 
     async def _ensure_limits(self, account: str) -> None:
         limits = await self.load_limits(account)
         await self.set_limits(account, limits, only_if_absent=True)
 
-    def _resume(self, slot: _Slot) -> None:
+    async def _resume(self, slot: _Slot) -> None:
         waiting, slot.waiting = slot.waiting, []
         for job in waiting:
-            self._step(job)
+            job.attempts += 1
+            if job.attempts > MAX_HOPS * 4:
+                await self._fail(job, "the account's ownership is moving between replicas; try again")
+            else:
+                await self._run(job)
+
+    async def _fail_waiting(self, slot: _Slot, why: str) -> None:
+        waiting, slot.waiting = slot.waiting, []
+        for job in waiting:
+            await self._fail(job, why)
+
+    def _lose(self, account: str, slot: _Slot, why: str) -> None:
+        """The lease is gone (expired, or a write was fenced): forget the state, retry what waits."""
+        LEASES_LOST.inc()
+        _log.warning("account lease lost", account=account, reason=why)
+        slot.token, slot.state, slot.limits, slot.bucket, slot.kill = None, None, None, None, None
+        slot.valid_until = 0.0
+        slot.owner = None
+        self._drop_writes(slot, RuntimeError(f"risk lost the account's lease ({why}); not written"))
+        self._dirty.discard(account)
+        if slot.waiting:
+            self._spawn(self._resume(slot))
+
+    async def _hand_back(self, account: str, slot: _Slot, *, force: bool = False) -> None:
+        token = slot.token
+        if token is None or (slot.dirty and not force):
+            return
+        slot.token, slot.state, slot.limits, slot.bucket, slot.kill = None, None, None, None, None
+        self._drop_writes(slot, RuntimeError("risk handed the account's lease back; not written"))
+        self._dirty.discard(account)
+        if not slot.waiting:
+            self.slots.pop(account, None)
+        await self.batcher.call(orjson.dumps({"op": "rel", "a": account, "tok": token}))
+        if slot.waiting:
+            await self._resume(slot)
+
+    # --- deciding and applying (the owner) -----------------------------------------------------------
+
+    def _decide(self, job: _Job, account: str, slot: _Slot) -> RiskDecision:
+        req = job.req
+        state, limits = slot.state, slot.limits
+        assert req is not None and state is not None and limits is not None
+        kill = self.kill_global or slot.kill
+        if kill is not None:
+            return reject("kill_switch", kill)
+        decision = check(req, limits, state, self.marks)
+        if decision.decision == "reject":
+            return decision
+        rate = limits.max_orders_per_second
+        if rate is not None:
+            ok, slot.bucket = take(slot.bucket, time.time(), float(rate))
+            slot.w_rate = True
+            if not ok:
+                self._mark_dirty(account)
+                return reject(
+                    "max_orders_per_second", f"max_orders_per_second {fmt(rate)} exceeded", throttled=True
+                )
+        reserve_for(state, req, decision, self.marks)
+        if req.replaces is not None:
+            slot.w_open[str(req.replaces)] = ""
+        oid = str(req.order_id)
+        opened = state.open_orders.get(oid)
+        slot.w_open[oid] = opened.to_json().decode() if opened is not None else ""
+        self._mark_dirty(account)
+        return decision
+
+    async def _apply(self, job: _Job, account: str, slot: _Slot) -> None:
+        report, future = job.report, job.future
+        assert report is not None and future is not None
+        key = seen_key(report.symbol, report.seq) if report.seq >= 0 else ""
+        if key:
+            pending = self._seen.get(key)
+            if pending is not None:  # a redelivery while its first copy's write is in flight
+                try:
+                    await asyncio.shield(pending)
+                except Exception as exc:
+                    _settle(future, exc)
+                    return
+                _settle(future, "dup")
+                return
+            mine: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            self._seen[key] = mine
+            mine.add_done_callback(lambda _: self._seen.pop(key, None))
+            try:
+                seen = await self.batcher.call(orjson.dumps({"op": "x", "a": "", "dk": key}))
+            except Exception as exc:
+                _settle(mine, exc)
+                _settle(future, exc)
+                return
+            if seen[1]:
+                _settle(mine, "dup")
+                _settle(future, "dup")
+                return
+            token = slot.token
+            if token is None or slot.state is None:  # lost meanwhile: route again
+                _settle(mine, RuntimeError("lease lost"))
+                self._spawn(self._run(job))
+                return
+            future.add_done_callback(lambda f: _settle(mine, f.exception() or f.result()))
+        state = slot.state
+        if state is None:
+            self._spawn(self._run(job))
+            return
+        effect = state.apply_exec(report)
+        if effect.empty:
+            _settle(future, "noop")
+            return
+        if effect.position is not None:
+            symbol, pos = effect.position
+            slot.w_pos[symbol] = pos.to_json().decode() if pos is not None else ""
+        for oid, order in effect.orders:
+            slot.w_open[oid] = order.to_json().decode() if order is not None else ""
+        if effect.day is not None:
+            slot.w_day = day_to_json(*effect.day).decode()
+        if key:
+            slot.w_seen.append(key)
+        slot.w_waiters.append(future)
+        self._mark_dirty(account)
+
+    # --- write-behind --------------------------------------------------------------------------------
+
+    def _mark_dirty(self, account: str) -> None:
+        self._dirty.add(account)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(self.flush_interval, self._flush)
+
+    def _flush(self) -> None:
+        """One write-behind batch: one script item with an entry per dirty account."""
+        self._flush_handle = None
+        dirty, self._dirty = self._dirty, set()
+        entries: list[dict[str, Any]] = []
+        batch: list[_Written] = []
+        for account in dirty:
+            slot = self.slots.get(account)
+            if slot is None or slot.token is None or not slot.dirty:
+                continue
+            rate = slot.bucket if slot.w_rate else None
+            entries.append(
+                {
+                    "a": account,
+                    "tok": slot.token,
+                    "o": [x for pair in slot.w_open.items() for x in pair],
+                    "p": [x for pair in slot.w_pos.items() for x in pair],
+                    "day": slot.w_day,
+                    "seen": slot.w_seen,
+                    "rn": f"{rate.tokens:.6f}" if rate is not None else "",
+                    "rt": f"{rate.at:.6f}" if rate is not None else "",
+                }
+            )
+            batch.append(
+                _Written(
+                    account,
+                    slot,
+                    slot.token,
+                    (slot.w_open, slot.w_pos, slot.w_day, slot.w_seen, slot.w_rate),
+                    slot.w_waiters,
+                )
+            )
+            slot.w_open, slot.w_pos, slot.w_day, slot.w_seen, slot.w_rate = {}, {}, "", [], False
+            slot.w_waiters = []
+        if not entries:
+            return
+
+        async def cont(result: Any) -> None:
+            if isinstance(result, BaseException):
+                for w in batch:
+                    self._unwritten(w)
+                return
+            statuses = result[1] if isinstance(result[1], list) else []
+            for w, status in zip(batch, statuses, strict=False):
+                self._written(w, status)
+
+        self.batcher.submit(orjson.dumps({"op": "w", "a": "", "ws": entries}), cont)
+
+    def _written(self, w: _Written, status: str) -> None:
+        if status == "ok":
+            for f in w.waiters:
+                _settle(f, "applied")
+            return
+        for f in w.waiters:
+            _settle(f, RuntimeError(f"risk write refused: {status}"))
+        if w.slot.token == w.token:
+            self._lose(w.account, w.slot, f"write refused ({status}): another replica took the lease")
+
+    def _unwritten(self, w: _Written) -> None:
+        """The batch did not reach Redis: keep its changes (under newer ones) and try again later."""
+        slot = w.slot
+        if slot.token != w.token:  # lost or handed back meanwhile: nobody may write it now
+            for f in w.waiters:
+                _settle(f, RuntimeError("risk lost the account's lease; not written"))
+            return
+        w_open, w_pos, w_day, w_seen, w_rate = w.changes
+        slot.w_open = {**w_open, **slot.w_open}
+        slot.w_pos = {**w_pos, **slot.w_pos}
+        slot.w_day = slot.w_day or w_day
+        slot.w_seen = w_seen + slot.w_seen
+        slot.w_rate = slot.w_rate or w_rate
+        slot.w_waiters = w.waiters + slot.w_waiters
+        self._dirty.add(w.account)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(RETRY_FLUSH, self._flush)
+
+    def _drop_writes(self, slot: _Slot, exc: BaseException) -> None:
+        for w in slot.w_waiters:
+            _settle(w, exc)
+        slot.w_open, slot.w_pos, slot.w_day, slot.w_seen, slot.w_rate = {}, {}, "", [], False
+        slot.w_waiters = []
 
     # --- marks -------------------------------------------------------------------------------------
 
-    def _marks_ready(self, job: _Job, acct: CachedAccount) -> bool:
+    def _marks_ready(self, job: _Job, state: AccountRiskState) -> bool:
         """True if every mark the check needs was read once; stale ones are refreshed in the background."""
         req = job.req
         assert req is not None
         now = time.monotonic()
         missing: list[str] = []
         stale: list[str] = []
-        for symbol in _symbols(req.symbol, acct):
+        for symbol in _symbols(req.symbol, state):
             at = self._mark_at.get(symbol)
             if at is None:
                 missing.append(symbol)
@@ -415,7 +791,7 @@ class RiskChecker:
                 for s in ask:
                     self._marks_refreshing.discard(s)
                     for job in self._marks_waiting.pop(s, []):
-                        await self._fail(job, _unavailable(result))
+                        await self._fail(job, _unavailable_text(str(result) or type(result).__name__))
                 return
             values = result[1] if isinstance(result[1], list) else []
             for i, symbol in enumerate(ask):
@@ -428,49 +804,44 @@ class RiskChecker:
                 self._mark_at[symbol] = now
                 waiting += self._marks_waiting.pop(symbol, [])
             for job in waiting:
-                job.attempts -= 1  # waiting for a price is not a conflict
-                self._step(job)
+                await self._run(job)
 
         self.batcher.submit(orjson.dumps({"op": "m", "a": "", "syms": ask}), cont)
 
     # --- outcomes ----------------------------------------------------------------------------------
 
-    async def _succeed(self, job: _Job, decision: RiskDecision | None) -> None:
+    def _refuse(self, job: _Job, why: str) -> RiskDecision | None:
+        """A check's refusal (returned: the caller answers it); a report's future fails instead."""
         if job.req is not None:
-            assert decision is not None
-            await self._finish(job, decision)
-        else:
-            self._resolve(job, "applied")
+            return reject("risk_unavailable", f"risk state unavailable ({why}); order refused")
+        if job.future is not None:
+            _settle(job.future, RuntimeError(why))
+        return None
 
-    async def _fail(self, job: _Job, decision: RiskDecision) -> None:
-        if job.req is not None:
+    async def _fail(self, job: _Job, why: str) -> None:
+        decision = self._refuse(job, why)
+        if decision is not None:
             await self._finish(job, decision)
-        elif job.future is not None and not job.future.done():
-            job.future.set_exception(RuntimeError(decision.reason or "risk state error"))
-
-    def _resolve(self, job: _Job, outcome: str) -> None:
-        if job.future is not None and not job.future.done():
-            job.future.set_result(outcome)
 
     async def _finish(self, job: _Job, decision: RiskDecision) -> None:
         req, reply = job.req, job.reply
         assert req is not None and reply is not None
         try:
-            await reply(codec.encode(decision))
+            await reply(decision)
         except Exception as exc:
             _log.warning("risk reply failed", error=repr(exc))
         # nats-py writes the reply from its flusher task, woken by the publish: the audit record
         # (written by the service in batches) and the metric are queued behind that write
-        asyncio.get_running_loop().call_soon(self._record, job.account, req, decision)
+        asyncio.get_running_loop().call_soon(self.record, req, decision)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     # --- helpers -----------------------------------------------------------------------------------
 
-    def _parse(self, snap: Any) -> CachedAccount | None:
+    def _parse(self, snap: Any) -> tuple[AccountRiskState, Limits] | None:
         if not isinstance(snap, dict):
             return None
         raw_limits = snap.get("lim") or ""
@@ -483,17 +854,7 @@ class RiskChecker:
                 self._limits_cache.clear()
             limits = self._limits_cache[key] = Limits.model_validate_json(key)
         state = state_from_redis(_pairs(snap.get("pos")), _pairs(snap.get("open")), snap.get("day") or None)
-        return CachedAccount(state, limits, str(snap.get("v") or ""))
-
-    def _token(self) -> str:
-        return f"{self._token_prefix}{next(self._tokens)}"
-
-    def _record(self, account: str, req: RiskCheckRequest, decision: RiskDecision) -> None:
-        # encoded here, after the reply, a few microseconds each: the writer's flush then holds
-        # the loop only for the Redis call, not for encoding hundreds of records at once
-        record = AuditRecord(at=time.time(), replica=self.replica, request=req, decision=decision)
-        self.audit.append((account, codec.encode(record)))
-        _decision_counter(decision.decision, decision.rule or "").inc()
+        return state, limits
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -539,13 +900,13 @@ def _decision_counter(decision: str, rule: str) -> Any:
     return child
 
 
-def _symbols(symbol: str, acct: CachedAccount) -> Iterable[str]:
+def _symbols(symbol: str, state: AccountRiskState) -> Iterable[str]:
     yield symbol
-    for s in acct.state.positions:
+    for s in state.positions:
         if s != symbol:
             yield s
-    for s in acct.state.open_symbols():
-        if s != symbol and s not in acct.state.positions:
+    for s in state.open_symbols():
+        if s != symbol and s not in state.positions:
             yield s
 
 
@@ -569,6 +930,28 @@ def _mark_from(last: str, bar: str) -> Decimal | None:
     return None
 
 
-def _unavailable(exc: BaseException) -> RiskDecision:
-    detail = str(exc) or type(exc).__name__
-    return reject("risk_unavailable", f"risk state unavailable (Redis unreachable: {detail}); order refused")
+def _unavailable_text(detail: str) -> str:
+    return f"Redis unreachable: {detail}"
+
+
+def _settle(future: asyncio.Future[str], outcome: str | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _release_report(cmd: CancelCmd) -> ExecReport:
+    """`risk.release` as the report that releases the order's open exposure (never deduplicated)."""
+    return ExecReport(
+        exec=ExecType.REJECTED,
+        seq=-1,
+        order_id=cmd.order_id,
+        account_id=cmd.account_id,
+        symbol=cmd.symbol,
+        side=Side.BUY,
+        t=cmd.t,
+        reason=cmd.reason,
+    )

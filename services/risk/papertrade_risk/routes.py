@@ -55,6 +55,12 @@ async def put_limits(account_id: UUID, limits: Limits, request: Request) -> dict
         raise ApiError(
             503, f"limits saved but not yet applied (Redis unreachable: {exc}); send them again", 50310000
         ) from None
+    try:
+        await svc.broadcast({"op": "limits", "a": str(account_id), "lim": limits.model_dump_json()})
+    except Exception as exc:
+        raise ApiError(
+            503, f"limits saved but not confirmed by every risk replica ({exc}); send them again", 50310000
+        ) from None
     return doc
 
 
@@ -107,7 +113,7 @@ async def get_exposure(account_id: UUID, request: Request) -> dict[str, Any]:
     if acct is None:
         raise ApiError(503, "risk state unavailable", 50310000)
     state = acct.state
-    return {
+    return {  # the owner's memory when this replica owns the account, else Redis
         "account_id": str(account_id),
         "positions": {
             s: {"qty": fmt(p.qty), "avg_entry_price": fmt(p.avg)} for s, p in state.positions.items()
@@ -119,6 +125,18 @@ async def get_exposure(account_id: UUID, request: Request) -> dict[str, Any]:
         "day": state.day.isoformat() if state.day else None,
         "realized_pl": fmt(state.realised),
         "limits": acct.limits.model_dump(mode="json"),
+    }
+
+
+@router.get("/replica", summary="This replica's id and the accounts it owns (admin)", dependencies=[AdminDep])
+async def get_replica(request: Request) -> dict[str, Any]:
+    checker = _svc(request).checker
+    return {
+        "replica": checker.replica,
+        "lease_seconds": checker.lease,
+        "flush_seconds": checker.flush_interval,
+        "redis": checker.health(),
+        "accounts": checker.owned(),
     }
 
 

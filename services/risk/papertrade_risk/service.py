@@ -1,15 +1,19 @@
-"""The risk service's background work: the `risk.check` responder, the execution-report consumer,
-the decision audit writer, and the kill switches (Postgres, restored into Redis after a Redis loss).
+"""The risk service's background work: the `risk.check` responder (and this replica's own subject
+`risk.own.<replica>` for what other replicas forward to the owner), `risk.ctl` (limits and kill
+switch changes every replica confirms), the execution-report consumer, the lease loop, the Redis
+watch, the decision audit writer, and the kill switches (Postgres, restored into Redis after a
+Redis loss).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+import orjson
 import structlog
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -22,10 +26,10 @@ from papertrade import codec
 from papertrade.bus import subjects
 from papertrade.bus.streams import exec_consumer
 from papertrade.errors import ValidationError
-from papertrade.messages import CancelCmd, ExecReport, RiskCheckRequest
-from papertrade.risk import reject
+from papertrade.messages import CancelCmd, ExecReport, RiskCheckRequest, RiskDecision
+from papertrade.risk import Limits, reject
 from papertrade.service import ServiceContext
-from papertrade_risk.engine import AuditRecord, RiskChecker
+from papertrade_risk.engine import HOPS_HEADER, OP_HEADER, AuditRecord, RiskChecker
 from papertrade_risk.store import (
     ACCOUNTS,
     AUDIT_SCRIPT,
@@ -52,11 +56,21 @@ AUDIT_CHUNK = 256
 #: records kept for a later flush while Redis is unreachable (then the oldest are dropped)
 AUDIT_BACKLOG = 100_000
 GLOBAL = "global"
+#: seconds a `risk.ctl` change waits for every live replica's confirmation
+CTL_TIMEOUT = 2.0
+#: seconds the Redis watch blocks on its key per round (a dead Redis is noticed at once: the
+#: connection breaks; a hung one within this plus the client's socket timeout)
+WATCH_BLOCK = 0.2
 
 
 class RiskService:
     def __init__(
-        self, ctx: ServiceContext, checker: RiskChecker, redis: Redis, durable: str = DURABLE
+        self,
+        ctx: ServiceContext,
+        checker: RiskChecker,
+        redis: Redis,
+        durable: str = DURABLE,
+        watch: Redis | None = None,
     ) -> None:
         self.ctx = ctx
         self.checker = checker
@@ -66,6 +80,9 @@ class RiskService:
         self.consuming = False
         self.applied = 0
         self._subs: list[Any] = []
+        #: subscriptions kept until the leases are handed back (own subject, risk.ctl)
+        self._own_subs: list[Any] = []
+        self._watch = watch if watch is not None else redis
         self._audit_script = redis.register_script(AUDIT_SCRIPT)
         #: encoded decisions not written yet (oldest first)
         self._unwritten: list[tuple[str, bytes]] = []
@@ -74,24 +91,51 @@ class RiskService:
     # --- risk.check --------------------------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Subscribe to `risk.check` (queue group: replicas share) and to trade prints (marks)."""
+        """Subscribe to `risk.check` (queue group: replicas share), this replica's own subject (what
+        other replicas forward to the owner), `risk.ctl`, trade prints (marks) and `risk.release`."""
         nc = await self.ctx.links.wait_nats()
         checker = self.checker
+        loop = asyncio.get_running_loop()
 
         async def on_check(msg: Msg) -> None:
             reply = msg.reply
             if not reply:
                 return
+            hops = _hops(msg)
+            data = msg.data
+            if data[:1] == b"[" or data.lstrip()[:1] == b"[":
+                self.ctx.spawn(self._check_array(reply, data, hops), "risk-check-array")
+                return
 
-            async def respond(data: bytes) -> None:
-                await nc.publish(reply, data)
+            async def respond(decision: RiskDecision) -> None:
+                await nc.publish(reply, codec.encode(decision))
 
             try:
-                req = codec.decode(msg.data, RiskCheckRequest)
+                req = codec.decode(data, RiskCheckRequest)
             except ValidationError as exc:
-                await respond(codec.encode(reject("request", f"unreadable risk.check request: {exc}")))
+                await nc.publish(
+                    reply, codec.encode(reject("request", f"unreadable risk.check request: {exc}"))
+                )
                 return
-            checker.start(req, respond)
+            decision = checker.start(req, respond, reply, hops)
+            if decision is not None:
+                await nc.publish(reply, codec.encode(decision))
+                loop.call_soon(checker.record, req, decision)
+
+        async def on_own(msg: Msg) -> None:
+            if msg.headers and msg.headers.get(OP_HEADER) == "exec":
+                self.ctx.spawn(self._forwarded_exec(msg), "risk-forwarded-exec")
+                return
+            await on_check(msg)
+
+        async def on_ctl(msg: Msg) -> None:
+            try:
+                self._apply_ctl(orjson.loads(msg.data))
+            except Exception as exc:
+                _log.warning("unreadable risk.ctl message", error=repr(exc))
+                return
+            if msg.reply:
+                await nc.publish(msg.reply, orjson.dumps({"r": checker.replica}))
 
         async def on_trade(msg: Msg) -> None:
             checker.on_trade(msg.data)
@@ -104,13 +148,29 @@ class RiskService:
                 return
             self.ctx.spawn(self._release(cmd), "risk-release")
 
+        big_msgs, big_bytes = 1_000_000, 512 * 1024 * 1024
+        self._own_subs.append(await nc.subscribe(subjects.RISK_CTL, cb=on_ctl))
+        self._own_subs.append(
+            await nc.subscribe(
+                subjects.risk_own(checker.replica),
+                cb=on_own,
+                pending_msgs_limit=big_msgs,
+                pending_bytes_limit=big_bytes,
+            )
+        )
+        await nc.flush()  # risk.ctl is heard before this replica registers as live
+        checker.nc = nc  # forwarding on; registered as live (risk.ctl) from this renewal on
+        try:
+            await checker.renew()
+        except Exception as exc:
+            _log.warning("first lease renewal failed", error=repr(exc))
         self._subs.append(
             await nc.subscribe(
                 subjects.RISK_CHECK,
                 queue=QUEUE_GROUP,
                 cb=on_check,
-                pending_msgs_limit=1_000_000,
-                pending_bytes_limit=512 * 1024 * 1024,
+                pending_msgs_limit=big_msgs,
+                pending_bytes_limit=big_bytes,
             )
         )
         self._subs.append(
@@ -119,7 +179,92 @@ class RiskService:
         self._subs.append(await nc.subscribe(subjects.RISK_RELEASE, queue=QUEUE_GROUP, cb=on_release))
         await nc.flush()
         self.subscribed = True
-        _log.info("risk.check responder subscribed", queue=QUEUE_GROUP)
+        _log.info("risk.check responder subscribed", queue=QUEUE_GROUP, replica=checker.replica)
+
+    async def broadcast(self, change: dict[str, Any]) -> None:
+        """Send a change on `risk.ctl` and wait until every live replica confirmed it applied it."""
+        nc = await self.ctx.links.wait_nats()
+        live = set(await self.checker.live_replicas()) | {self.checker.replica}
+        got: set[str] = set()
+        done = asyncio.get_running_loop().create_future()
+
+        async def on_ack(msg: Msg) -> None:
+            try:
+                got.add(str(orjson.loads(msg.data)["r"]))
+            except Exception:
+                return
+            if live <= got and not done.done():
+                done.set_result(None)
+
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, cb=on_ack)
+        try:
+            await nc.publish(subjects.RISK_CTL, orjson.dumps(change), reply=inbox)
+            try:
+                await asyncio.wait_for(done, CTL_TIMEOUT)
+            except TimeoutError:
+                missing = ", ".join(sorted(live - got))
+                raise RuntimeError(f"risk replicas {missing} did not confirm the change") from None
+        finally:
+            await sub.unsubscribe()
+
+    async def watch_redis(self) -> None:
+        """Block on a key of this replica's in Redis, round after round: a broken connection tells at
+        once that Redis is gone (the checker then refuses every order until it is back)."""
+        key = f"pt:risk:watch:{self.checker.replica}"
+        while not self.ctx.stopping.is_set():
+            try:
+                await self._watch.blpop([key], timeout=WATCH_BLOCK)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.checker.redis_lost(str(exc) or type(exc).__name__)
+                await asyncio.sleep(0.05)
+                continue
+            self.checker.redis_back()
+
+    async def _check_array(self, reply: str, data: bytes, hops: int) -> None:
+        """The array form: decisions in the order of the requests, one answer (parts owned by other
+        replicas are asked of them)."""
+        nc = self.ctx.links.nats
+        try:
+            reqs = codec.decode(data, list[RiskCheckRequest])
+        except ValidationError as exc:
+            await nc.publish(reply, codec.encode(reject("request", f"unreadable risk.check request: {exc}")))
+            return
+        loop = asyncio.get_running_loop()
+        out: list[RiskDecision | None] = [None] * len(reqs)
+        pending: list[tuple[int, asyncio.Future[RiskDecision]]] = []
+        for i, req in enumerate(reqs):
+            fut: asyncio.Future[RiskDecision] = loop.create_future()
+            decision = self.checker.start(req, _resolver(fut), None, hops)
+            if decision is not None:
+                out[i] = decision
+                loop.call_soon(self.checker.record, req, decision)
+            else:
+                pending.append((i, fut))
+        for i, fut in pending:
+            out[i] = await fut
+        await nc.publish(reply, codec.encode(out))
+
+    async def _forwarded_exec(self, msg: Msg) -> None:
+        try:
+            report = codec.decode(msg.data, ExecReport)
+            outcome = await self.checker.apply_exec(report, _hops(msg))
+        except Exception as exc:
+            outcome = f"error: {exc}"
+        if msg.reply:
+            await self.ctx.links.nats.publish(msg.reply, outcome.encode())
+
+    def _apply_ctl(self, change: dict[str, Any]) -> None:
+        op = change.get("op")
+        if op == "limits":
+            self.checker.ctl_limits(str(change["a"]), Limits.model_validate_json(change["lim"]))
+        elif op == "kill":
+            scope = change.get("scope")
+            self.checker.ctl_kill(None if scope == GLOBAL else str(scope), change.get("text"))
+        elif op == "gone":
+            self.checker.ctl_gone(str(change["r"]))
 
     async def _release(self, cmd: CancelCmd) -> None:
         try:
@@ -142,10 +287,12 @@ class RiskService:
                 await asyncio.sleep(0.5)
 
     async def handle(self, msgs: Sequence[Msg]) -> None:
-        """Apply a fetched batch in order (one Lua round trip per report that changes something)."""
-        for msg in msgs:
+        """Apply a fetched batch: every report is started in order (each account's owner applies them
+        in that order), then each is acked once its write reached Redis (nak: redelivered)."""
+        applying = [asyncio.ensure_future(self._apply(msg)) for msg in msgs]
+        for msg, task in zip(msgs, applying, strict=True):
             try:
-                await self._apply(msg)
+                await task
             except Exception as exc:
                 _log.warning("execution report not applied; redelivery", error=repr(exc))
                 await msg.nak(delay=1.0)
@@ -153,13 +300,27 @@ class RiskService:
             await msg.ack()
 
     async def close(self) -> None:
-        """Unsubscribe before the links drain (a pending pull subscription would hold the drain up)."""
+        """Stop taking work, write what is pending, hand the leases back, tell the other replicas."""
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
             except Exception as exc:
                 _log.debug("unsubscribe failed", error=repr(exc))
         self._subs.clear()
+        try:
+            await self.checker.close()
+            nc = self.ctx.links.nats if self.subscribed else None
+            if nc is not None:
+                await nc.publish(subjects.RISK_CTL, orjson.dumps({"op": "gone", "r": self.checker.replica}))
+                await nc.flush()
+        except Exception as exc:
+            _log.warning("leases not handed back", error=repr(exc))
+        for sub in self._own_subs:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:
+                _log.debug("unsubscribe failed", error=repr(exc))
+        self._own_subs.clear()
         await self.flush_audit()
 
     async def _consume(self) -> None:
@@ -241,7 +402,8 @@ class RiskService:
                     set_={"engaged": engaged, "reason": reason, "updated_at": now},
                 )
             )
-        await self._apply_kill(scope, engaged, reason)
+        text = await self._apply_kill(scope, engaged, reason)
+        await self.broadcast({"op": "kill", "scope": scope, "text": text})
 
     async def kill_switches(self) -> dict[str, Any]:
         rows = await self._kill_rows()
@@ -290,7 +452,8 @@ class RiskService:
             try:
                 if not await self.redis.exists(KILL_SYNCED):
                     for scope, engaged, reason in await self._kill_rows():
-                        await self._apply_kill(scope, engaged, reason or "")
+                        text = await self._apply_kill(scope, engaged, reason or "")
+                        await self.broadcast({"op": "kill", "scope": scope, "text": text})
                     await self.redis.set(KILL_SYNCED, b"1")
                     _log.info("kill switches restored into Redis")
             except asyncio.CancelledError:
@@ -312,11 +475,31 @@ class RiskService:
             ).all()
         return [(r[0], bool(r[1]), r[2] or "") for r in rows]
 
-    async def _apply_kill(self, scope: str, engaged: bool, reason: str) -> None:
+    async def _apply_kill(self, scope: str, engaged: bool, reason: str) -> str | None:
+        """Write the kill switch to Redis; the reason text orders get (None: released)."""
         key = KILL_GLOBAL if scope == GLOBAL else kill_account_key(scope)
         if engaged:
             who = "for all accounts" if scope == GLOBAL else "for this account"
             text = f"kill switch engaged {who}" + (f": {reason}" if reason else "")
             await self.redis.set(key, text.encode())
-        else:
-            await self.redis.delete(key)
+            return text
+        await self.redis.delete(key)
+        return None
+
+
+def _hops(msg: Msg) -> int:
+    headers = msg.headers
+    if not headers:
+        return 0
+    try:
+        return int(headers.get(HOPS_HEADER, 0))
+    except ValueError:
+        return 0
+
+
+def _resolver(fut: asyncio.Future[RiskDecision]) -> Callable[[RiskDecision], Awaitable[None]]:
+    async def resolve(decision: RiskDecision) -> None:
+        if not fut.done():
+            fut.set_result(decision)
+
+    return resolve

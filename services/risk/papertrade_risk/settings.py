@@ -18,3 +18,7 @@ class RiskSettings(ServiceSettings):
     durable: str = Field("risk", validation_alias="RISK_DURABLE")
     #: Seconds a Redis call may take before the check fails closed (`RISK_REDIS_TIMEOUT`).
     redis_timeout: float = Field(1.0, validation_alias="RISK_REDIS_TIMEOUT")
+    #: Seconds an account's ownership lease lasts; the owner renews it every quarter (`RISK_LEASE`).
+    lease: float = Field(2.0, gt=0.05, le=60.0, validation_alias="RISK_LEASE")
+    #: Seconds the owner waits before writing its state changes behind to Redis (`RISK_FLUSH`).
+    flush: float = Field(0.005, ge=0.0, le=1.0, validation_alias="RISK_FLUSH")

@@ -1,28 +1,29 @@
-"""Risk's live state in Redis, changed only by one Lua script so replicas agree.
+"""Risk's live state in Redis, changed only by one Lua script, and the ownership leases.
 
 Keys (prefix `papertrade.keys.RISK_PREFIX`, `pt:risk:`):
 
 | key | value |
 | --- | --- |
-| `a:<account>:v` | the account's state version: a token every write replaces (compare-and-set) |
+| `own:<account>` | `"<replica> <fence>"`: the replica that owns the account's live state, with a lease (PX) |
+| `fence` | counter: every lease taken gets the next value (INCR), so a lost owner's writes are refused |
+| `replicas` | hash replica id -> lease end (ms, Redis clock): the live replicas (`risk.ctl` acks) |
 | `a:<account>:lim` | the account's limits (JSON; `{}` = none); absent = not loaded from Postgres yet |
 | `a:<account>:pos` | hash symbol -> `{"q", "a"}` position qty and average entry |
 | `a:<account>:open` | hash order id -> `{"s", "d", "q", "p"}` approved orders not done (open exposure) |
 | `a:<account>:day` | `{"d", "r"}` the trading day and the P&L realised on it |
-| `a:<account>:rate` | hash `n` tokens, `t` Redis time: the max_orders_per_second bucket |
+| `a:<account>:rate` | hash `n` tokens, `t` unix time: the max_orders_per_second bucket |
 | `kill:global` · `kill:a:<account>` | the reason text while a kill switch is engaged |
 | `kill:synced` | present once the kill switches were restored from Postgres into this Redis |
 | `seen:<symbol>:<seq>` | an execution report already applied (expires after 3 days) |
 | `accounts` | set of accounts with state |
 | `log` · `log:<account>` | capped lists of recent decisions (JSON, newest first; `AUDIT_SCRIPT`) |
 
-The script answers one JSON document per batch (parsing nested RESP arrays in Python is slow).
-Every decision is optimistic: a replica decides with the rules on the state it holds (cached, with
-its version), then one script call commits the reservation only if the version is still the same
-(else it returns the current state and the replica decides again). Kill switches and the rate bucket
-are checked inside the same script. So two replicas can never both approve orders that together
-break a limit, and a replica pays one Redis round trip per check. Calls from many concurrent checks
-are batched into one script call (`LuaBatcher`).
+One replica owns an account at a time (`own:<account>`, taken with `acq`, renewed with `ren`): it
+decides from memory and writes the changes behind with one `w` item per flush (an entry per
+account), each entry applied only while `own:<account>` still holds the writer's token (replica
+and fence). The script answers one
+JSON document per batch (parsing nested RESP arrays in Python is slow); calls from many concurrent
+callers are batched into one script call (`LuaBatcher`).
 """
 
 from __future__ import annotations
@@ -45,25 +46,101 @@ local P = ARGV[1]
 local function k(a, name) return P .. 'a:' .. a .. ':' .. name end
 local function snap(a)
   return {
-    v = redis.call('GET', k(a, 'v')) or '',
     lim = redis.call('GET', k(a, 'lim')) or '',
     pos = redis.call('HGETALL', k(a, 'pos')),
     open = redis.call('HGETALL', k(a, 'open')),
     day = redis.call('GET', k(a, 'day')) or '',
+    rate = redis.call('HMGET', k(a, 'rate'), 'n', 't'),
+    kill = redis.call('GET', P .. 'kill:a:' .. a) or '',
   }
 end
-local function killed(a)
-  local g = redis.call('GET', P .. 'kill:global')
-  if g then return g end
-  return redis.call('GET', P .. 'kill:a:' .. a)
+local function nowms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local out = {}
 for i = 2, #ARGV do
   local it = cjson.decode(ARGV[i])
   local op, a = it.op, it.a
   local res
-  if op == 's' then
+  if op == 'w' then
+    local st = {}
+    for n, w in ipairs(it.ws) do
+      local a = w.a
+      if redis.call('GET', P .. 'own:' .. a) ~= w.tok then
+        st[n] = 'fenced'
+      else
+        for j = 1, #w.o, 2 do
+          if w.o[j + 1] == '' then
+            redis.call('HDEL', k(a, 'open'), w.o[j])
+          else
+            redis.call('HSET', k(a, 'open'), w.o[j], w.o[j + 1])
+          end
+        end
+        for j = 1, #w.p, 2 do
+          if w.p[j + 1] == '' then
+            redis.call('HDEL', k(a, 'pos'), w.p[j])
+          else
+            redis.call('HSET', k(a, 'pos'), w.p[j], w.p[j + 1])
+          end
+        end
+        if w.day ~= '' then redis.call('SET', k(a, 'day'), w.day) end
+        for _, dk in ipairs(w.seen) do redis.call('SET', dk, '1', 'EX', 259200) end
+        if w.rn ~= '' then
+          redis.call('HSET', k(a, 'rate'), 'n', w.rn, 't', w.rt)
+          redis.call('EXPIRE', k(a, 'rate'), 3600)
+        end
+        redis.call('SADD', P .. 'accounts', a)
+        st[n] = 'ok'
+      end
+    end
+    res = {'w', st}
+  elseif op == 'acq' then
+    local key = P .. 'own:' .. a
+    local cur = redis.call('GET', key)
+    if cur then
+      res = {'other', cur, redis.call('PTTL', key)}
+    else
+      local tok = it.r .. ' ' .. redis.call('INCR', P .. 'fence')
+      redis.call('SET', key, tok, 'PX', it.ms)
+      res = {'own', tok, snap(a), redis.call('GET', P .. 'kill:global') or ''}
+    end
+  elseif op == 'ren' then
+    local lost = {}
+    for j = 1, #it.accts, 2 do
+      local key = P .. 'own:' .. it.accts[j]
+      if redis.call('GET', key) == it.accts[j + 1] then
+        redis.call('PEXPIRE', key, it.ms)
+      else
+        lost[#lost + 1] = it.accts[j]
+      end
+    end
+    if it.reg then redis.call('HSET', P .. 'replicas', it.r, nowms() + it.ms) end
+    res = {'ren', lost, redis.call('GET', P .. 'kill:global') or ''}
+  elseif op == 'rel' then
+    if redis.call('GET', P .. 'own:' .. a) == it.tok then redis.call('DEL', P .. 'own:' .. a) end
+    res = {'ok'}
+  elseif op == 'bye' then
+    redis.call('HDEL', P .. 'replicas', it.r)
+    res = {'ok'}
+  elseif op == 'live' then
+    local now, live = nowms(), {}
+    local all = redis.call('HGETALL', P .. 'replicas')
+    for j = 1, #all, 2 do
+      if tonumber(all[j + 1]) > now then
+        live[#live + 1] = all[j]
+      else
+        redis.call('HDEL', P .. 'replicas', all[j])
+      end
+    end
+    res = {'live', live}
+  elseif op == 'who' then
+    local key = P .. 'own:' .. a
+    res = {'who', redis.call('GET', key) or '', redis.call('PTTL', key)}
+  elseif op == 's' then
     res = {'snap', snap(a)}
+  elseif op == 'x' then
+    res = {'x', redis.call('EXISTS', it.dk)}
   elseif op == 'm' then
     local marks = {}
     for j, sym in ipairs(it.syms) do
@@ -71,73 +148,11 @@ for i = 2, #ARGV do
       marks[2 * j] = redis.call('GET', 'pt:bar:1m:' .. sym) or ''
     end
     res = {'marks', marks}
-  elseif op == 'c' then
-    local kr = killed(a)
-    local cur = redis.call('GET', k(a, 'v')) or ''
-    if kr then
-      res = {'killed', kr}
-    elseif cur ~= it.v then
-      res = {'conflict', snap(a)}
-    else
-      local ok = true
-      local rate = tonumber(it.rate) or 0
-      if rate > 0 then
-        local t = redis.call('TIME')
-        local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-        local cap = math.max(rate, 1)
-        local h = redis.call('HMGET', k(a, 'rate'), 'n', 't')
-        local tokens = cap
-        if h[1] and h[2] then
-          tokens = math.min(cap, tonumber(h[1]) + math.max(0, now - tonumber(h[2])) * rate)
-        end
-        if tokens < 1 then ok = false else tokens = tokens - 1 end
-        redis.call('HSET', k(a, 'rate'), 'n', string.format('%.6f', tokens), 't', string.format('%.6f', now))
-        redis.call('EXPIRE', k(a, 'rate'), math.ceil(cap / rate) + 1)
-      end
-      if not ok then
-        res = {'throttled', ''}
-      else
-        if it.rep ~= '' then redis.call('HDEL', k(a, 'open'), it.rep) end
-        if it.o ~= '' then redis.call('HSET', k(a, 'open'), it.oid, it.o) end
-        redis.call('SET', k(a, 'v'), it.nv)
-        redis.call('SADD', P .. 'accounts', a)
-        res = {'ok'}
-      end
-    end
-  elseif op == 'v' then
-    local cur = redis.call('GET', k(a, 'v')) or ''
-    if cur ~= it.v then res = {'conflict', snap(a)} else res = {'ok'} end
-  elseif op == 'a' then
-    if it.dk ~= '' and redis.call('EXISTS', it.dk) == 1 then
-      res = {'dup'}
-    else
-      local cur = redis.call('GET', k(a, 'v')) or ''
-      if cur ~= it.v then
-        res = {'conflict', snap(a)}
-      else
-        if it.ps ~= '' then
-          if it.p == '' then redis.call('HDEL', k(a, 'pos'), it.ps) else redis.call('HSET', k(a, 'pos'), it.ps, it.p) end
-        end
-        for j = 1, #it.ord, 2 do
-          if it.ord[j + 1] == '' then
-            redis.call('HDEL', k(a, 'open'), it.ord[j])
-          else
-            redis.call('HSET', k(a, 'open'), it.ord[j], it.ord[j + 1])
-          end
-        end
-        if it.day ~= '' then redis.call('SET', k(a, 'day'), it.day) end
-        if it.dk ~= '' then redis.call('SET', it.dk, '1', 'EX', 259200) end
-        redis.call('SET', k(a, 'v'), it.nv)
-        redis.call('SADD', P .. 'accounts', a)
-        res = {'ok'}
-      end
-    end
   elseif op == 'l' then
     if it.nx and redis.call('EXISTS', k(a, 'lim')) == 1 then
       res = {'exists'}
     else
       redis.call('SET', k(a, 'lim'), it.lim)
-      redis.call('SET', k(a, 'v'), it.nv)
       res = {'ok'}
     end
   else

@@ -12,6 +12,9 @@ RISK_CHECK = "risk.check"
 #: refused it after risk approved it); body `papertrade.messages.CancelCmd`. Risk releases its
 #: open exposure.
 RISK_RELEASE = "risk.release"
+#: risk replica -> every risk replica (request, one answer per replica): limits / kill switch changes,
+#: a replica that stops. Body JSON `{"op": "limits" | "kill" | "gone", ...}`; answer `{"r": replica}`.
+RISK_CTL = "risk.ctl"
 
 #: JetStream streams: name -> subjects. Market data keeps a bounded history so late strategies warm up;
 #: commands and executions are durable so a restarted orderbook or broker loses nothing.
@@ -46,6 +49,11 @@ def ex_trade(symbol: str) -> str:
 
 def ex_quote(symbol: str) -> str:
     return f"ex.quote.{_token(symbol)}"
+
+
+def risk_own(replica: str) -> str:
+    """`risk.own.<replica>`: checks and execution reports forwarded to the replica owning the account."""
+    return f"risk.own.{replica}"
 
 
 def broker_event(account_id: UUID | str) -> str:
