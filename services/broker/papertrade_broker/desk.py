@@ -88,7 +88,7 @@ class Desk:
         risk_timeout: float,
         engine: AsyncEngine,
         pool: AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]],
-        risk_batch: int = 1,
+        risk_batch: int = 64,
     ) -> None:
         self.ctx = ctx
         #: Raw psycopg connections for the submit hot path (`hotpath`).

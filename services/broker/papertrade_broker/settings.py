@@ -14,9 +14,9 @@ class BrokerSettings(ServiceSettings):
 
     #: Seconds to wait for risk's answer before refusing the order (`BROKER_RISK_TIMEOUT`).
     risk_timeout: float = Field(2.0, validation_alias="BROKER_RISK_TIMEOUT")
-    #: The most orders the broker puts in one risk.check request (`BROKER_RISK_BATCH`; 1 sends each order
-    #: alone, in the single-object form, e.g. to a risk service that predates the array form).
-    risk_batch: int = Field(1, validation_alias="BROKER_RISK_BATCH", ge=1, le=1024)
+    #: The most orders the broker puts in one risk.check request (`BROKER_RISK_BATCH`: one request per
+    #: this many orders of a group commit, the array form; 1 sends each order alone, in the single form).
+    risk_batch: int = Field(64, validation_alias="BROKER_RISK_BATCH", ge=1, le=1024)
     #: The durable JetStream consumer of execution reports (`BROKER_LEDGER_DURABLE`).
     ledger_durable: str = Field("broker-ledger", validation_alias="BROKER_LEDGER_DURABLE")
     #: Postgres connections the broker keeps (and as many again on a burst) (`BROKER_DB_POOL_SIZE`).
