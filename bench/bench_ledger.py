@@ -121,7 +121,11 @@ async def _one(base: Endpoints, args: argparse.Namespace) -> dict[str, Any]:
             out[mode] = await _drive(nc, ledger, orders, rate, db)
         finally:
             ledger.stop()
+            # Leave the shared stream and server as they were: the bench's reports, durable, database.
+            await js.purge_stream(subjects.STREAM_EX_EXEC, subject=subjects.ex_exec(SYMBOL))
+            await js.delete_consumer(subjects.STREAM_EX_EXEC, durable)
             await nc.close()
+            _drop_database(db)
     return out
 
 
@@ -148,6 +152,7 @@ async def _drive(
     sub = await nc.subscribe("broker.event.>", cb=on_update)
     proc = psutil.Process(ledger._proc.pid)
     cpu0 = sum(proc.cpu_times()[:2])
+    batches0 = _batch_metrics()
     start = time.time()
     subject = subjects.ex_exec(SYMBOL)
     slice_s = 0.002
@@ -192,6 +197,8 @@ async def _drive(
     except TimeoutError:
         pass
     cpu = sum(proc.cpu_times()[:2]) - cpu0
+    await asyncio.sleep(1.2)  # the ledger's next metrics snapshot
+    count, seconds = _batch_metrics()
     await sub.unsubscribe()
     rows = _count_executions(db)
     if received != total or rows != len(orders):
@@ -204,6 +211,9 @@ async def _drive(
         "fill_to_commit_p50_ms": round(_pct(latencies, 50) * 1000, 1),
         "fill_to_commit_p99_ms": round(_pct(latencies, 99) * 1000, 1),
         "cpu_us_per_report": round(cpu / total * 1e6, 1),
+        "batches": count - batches0[0],
+        "mean_batch": round(total / max(count - batches0[0], 1), 1),
+        "mean_batch_ms": round((seconds - batches0[1]) / max(count - batches0[0], 1) * 1000, 2),
     }
 
 
@@ -224,6 +234,15 @@ async def _create_durable(js: Any, durable: str, start_seq: int) -> None:
             max_ack_pending=20_000,
         ),
     )
+
+
+def _batch_metrics() -> tuple[float, float]:
+    """The ledger's batch count and total apply + commit seconds, as it last relayed them."""
+    from prometheus_client import REGISTRY
+
+    count = REGISTRY.get_sample_value("papertrade_broker_ledger_batch_seconds_count") or 0.0
+    total = REGISTRY.get_sample_value("papertrade_broker_ledger_batch_seconds_sum") or 0.0
+    return count, total
 
 
 def _settings(cls: Any, env: dict[str, str]) -> Any:
@@ -292,6 +311,17 @@ def _prepare(database_url: str, n_accounts: int, n_orders: int) -> list[tuple[uu
     return out
 
 
+def _drop_database(database_url: str) -> None:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from papertrade.stack.infra import libpq_url
+
+    url = make_url(database_url)
+    with psycopg.connect(libpq_url(str(url.set(database="postgres"))), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)')
+
+
 def _count_executions(database_url: str) -> int:
     import psycopg
 
@@ -336,18 +366,28 @@ def _print(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         ("paced", "fill_to_commit_p50_ms", "paced: fill-to-commit p50 ms"),
         ("paced", "fill_to_commit_p99_ms", "paced: fill-to-commit p99 ms (target 50)"),
         ("paced", "cpu_us_per_report", "paced: ledger CPU µs/report"),
+        ("paced", "mean_batch", "paced: reports per batch"),
+        ("paced", "mean_batch_ms", "paced: batch apply + commit ms"),
         ("unpaced", "applied_per_s", "unpaced: reports/s applied"),
         ("unpaced", "cpu_us_per_report", "unpaced: ledger CPU µs/report"),
+        ("unpaced", "mean_batch", "unpaced: reports per batch"),
+        ("unpaced", "mean_batch_ms", "unpaced: batch apply + commit ms"),
     ]
     names = list(results)
-    print(f"medians of {args.runs} run(s), {args.accounts} accounts, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'figure':44}" + "".join(f"{n[-28:]:>30}" for n in names))
+    load = os.getloadavg()[0]
+    print(
+        f"medians of {args.runs} run(s) (each run in brackets), {args.accounts} accounts, load average {load:.1f}"
+    )
+    for i, n in enumerate(names):
+        print(f"  [{chr(65 + i)}] {n}")
+    print(f"{'figure':40}" + "".join(f"{'[' + chr(65 + i) + ']':>34}" for i in range(len(names))))
     for mode, key, label in figures:
         cells = []
         for n in names:
             values = [r[mode][key] for r in results[n]]
-            cells.append(f"{statistics.median(values):>12} {str(values)[:16]:>17}")
-        print(f"{label:44}" + "".join(cells))
+            runs = "/".join(f"{v:g}" for v in values)
+            cells.append(f"{statistics.median(values):>10g} ({runs})"[:33].rjust(34))
+        print(f"{label:40}" + "".join(cells))
     for name, floor in FLOORS.items():
         print(f"floor {name}: {floor}")
 
