@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 from uuid import UUID
 
@@ -335,7 +335,7 @@ class LedgerConsumer:
         nc = self._nc
         assert nc is not None
         for account_id, upd in batch.updates:
-            await nc.publish(subjects.broker_event(account_id), codec.encode(upd))
+            await nc.publish(_event_subject(account_id), codec.encode(upd))
 
     async def _apply(self, reports: Sequence[ExecReport]) -> _Batch:
         start = time.perf_counter()
@@ -897,8 +897,13 @@ def _deliveries(msg: Msg) -> int:
 
 
 def _uuids(ids: Iterable[UUID]) -> str:
-    """A `uuid[]` literal."""
-    return "{" + ",".join(map(str, ids)) + "}"
+    """A `uuid[]` literal (msgspec writes the quoted UUIDs, which an array literal takes as they are)."""
+    return "{" + codec.encode(list(ids))[1:-1].decode() + "}"
+
+
+@lru_cache(maxsize=65_536)
+def _event_subject(account_id: UUID) -> str:
+    return subjects.broker_event(account_id)
 
 
 def _texts(values: Iterable[str]) -> str:

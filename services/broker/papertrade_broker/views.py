@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 from uuid import UUID
 
@@ -187,7 +187,14 @@ def activity_view(row: Mapping[Any, Any], order_status: str) -> dict[str, Any]:
 
 
 def _t(dt: datetime | None) -> str | None:
-    return iso(dt) if dt is not None else None
+    return _iso(dt) if dt is not None else None
+
+
+@lru_cache(maxsize=4096)
+def _iso(dt: datetime) -> str:
+    """`iso`, remembered: an order's times repeat across its views (and a ledger batch stamps every
+    order it changes with the same `updated_at`)."""
+    return iso(dt)
 
 
 def _id(value: UUID | None) -> str | None:
