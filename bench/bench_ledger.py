@@ -17,7 +17,8 @@ reports written with the broker's own tables (alternating buy/sell, qty 1). The 
 - unpaced: the same number of reports published as fast as possible with the ledger already
   running; reports/s = reports / (last trade update - first publish).
 - ledger CPU µs per report: the ledger process's user+system CPU from the first publish to the
-  last trade update, divided by the reports (psutil).
+  last trade update, divided by the reports (psutil); likewise its Postgres backend's (the
+  connections to the bench database, when Postgres runs on this host).
 Every report must come back as exactly one trade update, and the executions table must hold every
 fill, or the run fails. Medians over `--runs` are printed beside ../shared/bench/FLOORS.md's floors.
 `--compare DIR` runs the same bench with DIR's `services/broker` and `shared` first on the path
@@ -151,6 +152,8 @@ async def _drive(
 
     sub = await nc.subscribe("broker.event.>", cb=on_update)
     proc = psutil.Process(ledger._proc.pid)
+    # The ledger connects on its first batch: a backend that appears during the run counts from 0.
+    pg0 = {pid: sum(psutil.Process(pid).cpu_times()[:2]) for pid in _backends(db)}
     cpu0 = sum(proc.cpu_times()[:2])
     batches0 = _batch_metrics()
     start = time.time()
@@ -197,6 +200,7 @@ async def _drive(
     except TimeoutError:
         pass
     cpu = sum(proc.cpu_times()[:2]) - cpu0
+    pg = sum(sum(psutil.Process(pid).cpu_times()[:2]) - pg0.get(pid, 0.0) for pid in _backends(db))
     await asyncio.sleep(1.2)  # the ledger's next metrics snapshot
     count, seconds = _batch_metrics()
     await sub.unsubscribe()
@@ -211,6 +215,7 @@ async def _drive(
         "fill_to_commit_p50_ms": round(_pct(latencies, 50) * 1000, 1),
         "fill_to_commit_p99_ms": round(_pct(latencies, 99) * 1000, 1),
         "cpu_us_per_report": round(cpu / total * 1e6, 1),
+        "pg_cpu_us_per_report": round(pg / total * 1e6, 1),
         "batches": count - batches0[0],
         "mean_batch": round(total / max(count - batches0[0], 1), 1),
         "mean_batch_ms": round((seconds - batches0[1]) / max(count - batches0[0], 1) * 1000, 2),
@@ -311,6 +316,21 @@ def _prepare(database_url: str, n_accounts: int, n_orders: int) -> list[tuple[uu
     return out
 
 
+def _backends(database_url: str) -> list[int]:
+    """The Postgres backends serving the bench database (the ledger's connection), if on this host."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from papertrade.stack.infra import libpq_url
+
+    name = make_url(database_url).database
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,)
+        ).fetchall()
+    return [pid for (pid,) in rows if psutil.pid_exists(pid)]
+
+
 def _drop_database(database_url: str) -> None:
     import psycopg
     from sqlalchemy.engine import make_url
@@ -366,10 +386,12 @@ def _print(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         ("paced", "fill_to_commit_p50_ms", "paced: fill-to-commit p50 ms"),
         ("paced", "fill_to_commit_p99_ms", "paced: fill-to-commit p99 ms (target 50)"),
         ("paced", "cpu_us_per_report", "paced: ledger CPU µs/report"),
+        ("paced", "pg_cpu_us_per_report", "paced: its Postgres backend CPU µs/report"),
         ("paced", "mean_batch", "paced: reports per batch"),
         ("paced", "mean_batch_ms", "paced: batch apply + commit ms"),
         ("unpaced", "applied_per_s", "unpaced: reports/s applied"),
         ("unpaced", "cpu_us_per_report", "unpaced: ledger CPU µs/report"),
+        ("unpaced", "pg_cpu_us_per_report", "unpaced: its Postgres backend CPU µs/report"),
         ("unpaced", "mean_batch", "unpaced: reports per batch"),
         ("unpaced", "mean_batch_ms", "unpaced: batch apply + commit ms"),
     ]

@@ -112,7 +112,7 @@ WITH x_exec AS (
                           cum_qty, leaves_qty, t, recorded_at)
   SELECT exec_id, order_id, account_id, symbol, side, qty, price, fee, liquidity, cum_qty, leaves_qty,
          t, recorded_at
-  FROM jsonb_to_recordset(%(execs)s::jsonb) AS x(exec_id text, order_id uuid, account_id uuid,
+  FROM json_to_recordset(%(execs)s::json) AS x(exec_id text, order_id uuid, account_id uuid,
        symbol text, side text, qty numeric, price numeric, fee numeric, liquidity text, cum_qty numeric,
        leaves_qty numeric, t timestamptz, recorded_at timestamptz)
   ON CONFLICT DO NOTHING
@@ -120,7 +120,7 @@ WITH x_exec AS (
 ), x_pos AS (
   INSERT INTO positions (account_id, symbol, qty, cost, realized_pl, updated_at)
   SELECT account_id, symbol, qty, cost, realized_pl, %(now)s
-  FROM jsonb_to_recordset(%(positions)s::jsonb) AS x(account_id uuid, symbol text, qty numeric,
+  FROM json_to_recordset(%(positions)s::json) AS x(account_id uuid, symbol text, qty numeric,
        cost numeric, realized_pl numeric)
   ON CONFLICT (account_id, symbol) DO UPDATE SET qty = EXCLUDED.qty, cost = EXCLUDED.cost,
     realized_pl = EXCLUDED.realized_pl, updated_at = EXCLUDED.updated_at
@@ -130,7 +130,7 @@ WITH x_exec AS (
     fees = x.fees, reserved = x.reserved, updated_at = x.updated_at, filled_at = x.filled_at,
     canceled_at = x.canceled_at, expired_at = x.expired_at, failed_at = x.failed_at,
     replaced_at = x.replaced_at, replaced_by = x.replaced_by, reason = x.reason
-  FROM jsonb_to_recordset(%(orders)s::jsonb) AS x(id uuid, status text, filled_qty numeric,
+  FROM json_to_recordset(%(orders)s::json) AS x(id uuid, status text, filled_qty numeric,
        filled_notional numeric, fees numeric, reserved numeric, updated_at timestamptz,
        filled_at timestamptz, canceled_at timestamptz, expired_at timestamptz, failed_at timestamptz,
        replaced_at timestamptz, replaced_by uuid, reason text)
@@ -139,7 +139,7 @@ WITH x_exec AS (
 ), x_acct AS (
   UPDATE accounts a SET cash = a.cash + x.cash, fees = a.fees + x.fees,
     realized_pl = a.realized_pl + x.realized
-  FROM jsonb_to_recordset(%(accounts)s::jsonb) AS x(id uuid, cash numeric, fees numeric, realized numeric)
+  FROM json_to_recordset(%(accounts)s::json) AS x(id uuid, cash numeric, fees numeric, realized numeric)
   WHERE a.id = x.id AND a.id = ANY(%(account_ids)s::uuid[])
   RETURNING 1
 )
