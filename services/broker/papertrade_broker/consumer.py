@@ -70,8 +70,9 @@ PULL_BATCH = 256
 PULLS_OUTSTANDING = 2
 #: How long a pull request waits on the server when nothing comes (seconds).
 PULL_EXPIRES = 2.0
-#: The most reports booked in one transaction.
-MAX_BATCH = 1024
+#: The most reports booked in one transaction. Measured (bench_ledger): 256 beats 1,024 on throughput
+#: and latency (a long transaction holds everything behind it) and 128 (fixed costs per statement).
+MAX_BATCH = 256
 #: Deliveries of a report that fails on its own before it is dropped (logged) instead of retried.
 MAX_DELIVERIES = 5
 #: How often the ledger process sends its metrics to the broker process (seconds).
