@@ -87,9 +87,10 @@ WHERE id = ANY(ARRAY(SELECT unnest(%(ids)s::uuid[])
                      UNION SELECT replaced_by FROM orders WHERE id = ANY(%(rr)s::uuid[])))
 ORDER BY id FOR UPDATE
 """
-#: Executions already booked among the batch's (a superset of the pairs asked: both keys by index).
+#: Executions already booked among the batch's (each pair looked up in the primary key).
 SEEN_EXECS = """
-SELECT exec_id, order_id FROM executions WHERE exec_id = ANY(%(e)s::text[]) AND order_id = ANY(%(o)s::uuid[])
+SELECT e.exec_id, e.order_id FROM unnest(%(e)s::text[], %(o)s::uuid[]) AS k(exec_id, order_id)
+JOIN executions e ON e.exec_id = k.exec_id AND e.order_id = k.order_id
 """
 #: The positions the batch's fills move: keyed by the filled orders' own account and symbol.
 LOCK_POSITIONS = """
@@ -359,8 +360,11 @@ class LedgerConsumer:
             c_seen = c_held = c_models = None
             if fills:
                 filled = _uuids(fill_orders)
+                keys = {(f.exec_id or "", f.order_id) for f in fills}
                 c_seen = await conn.execute(
-                    SEEN_EXECS, {"e": _texts({f.exec_id or "" for f in fills}), "o": filled}, prepare=True
+                    SEEN_EXECS,
+                    {"e": _texts(k[0] for k in keys), "o": _uuids(k[1] for k in keys)},
+                    prepare=True,
                 )
                 c_held = await conn.execute(LOCK_POSITIONS, {"ids": filled}, prepare=True)
                 if {f.account_id for f in fills} - set(self._commissions):
