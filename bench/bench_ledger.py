@@ -21,8 +21,10 @@ reports written with the broker's own tables (alternating buy/sell, qty 1). The 
   connections to the bench database, when Postgres runs on this host).
 Every report must come back as exactly one trade update, and the executions table must hold every
 fill, or the run fails. Medians over `--runs` are printed beside ../shared/bench/FLOORS.md's floors.
-`--compare DIR` runs the same bench with DIR's `services/broker` and `shared` first on the path
-(a child `python bench_ledger.py --json` per run), interleaved with this tree's runs.
+`--compare DIR` runs the same bench with DIR's `services/broker` first on the path (a child
+`python bench_ledger.py --json` per run; `papertrade` itself stays this tree's), interleaved with
+this tree's runs. Afterwards the bench's reports are purged from the stream and its durable and
+database dropped (a fresh durable of a test or service replays the whole stream).
 """
 
 from __future__ import annotations
