@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
+from functools import cache, lru_cache
 from typing import Any
 from uuid import UUID
 
@@ -20,6 +21,7 @@ _ASSET_NS = UUID("7d1f3c52-2b1e-4c55-9a43-5a0c8e6f0b11")
 _PRICE_PLACES = Decimal("1e-9")
 
 
+@cache
 def asset_id(symbol: str) -> UUID:
     """A stable UUID per symbol (Alpaca's asset ids are UUIDs)."""
     return uuid.uuid5(_ASSET_NS, symbol)
@@ -35,46 +37,30 @@ def exchange(symbol: str) -> str:
 
 def order_view(row: Mapping[Any, Any]) -> dict[str, Any]:
     """The Alpaca Order of one `orders` row."""
-    filled = row["filled_qty"]
-    avg = row["filled_notional"] / filled if filled else None
-    return {
-        "id": str(row["id"]),
-        "client_order_id": row["client_order_id"],
-        "created_at": _t(row["created_at"]),
-        "updated_at": _t(row["updated_at"]),
-        "submitted_at": _t(row["submitted_at"]),
-        "filled_at": _t(row["filled_at"]),
-        "expired_at": _t(row["expired_at"]),
-        "canceled_at": _t(row["canceled_at"]),
-        "failed_at": _t(row["failed_at"]),
-        "replaced_at": _t(row["replaced_at"]),
-        "replaced_by": _id(row["replaced_by"]) if row["status"] == "replaced" else None,
-        "replaces": _id(row["replaces"]),
-        "asset_id": str(asset_id(row["symbol"])),
-        "symbol": row["symbol"],
-        "asset_class": asset_class(row["symbol"]),
-        "notional": fmt(row["notional"]),
-        "qty": fmt(row["qty"]),
-        "filled_qty": fmt(filled),
-        "filled_avg_price": _price(avg),
-        "order_class": "simple",
-        "order_type": row["type"],
-        "type": row["type"],
-        "side": row["side"],
-        "position_intent": None,
-        "time_in_force": row["time_in_force"],
-        "limit_price": fmt(row["limit_price"]),
-        "stop_price": fmt(row["stop_price"]),
-        "status": row["status"],
-        "extended_hours": bool(row["extended_hours"]),
-        "legs": None,
-        "trail_percent": None,
-        "trail_price": None,
-        "hwm": None,
-        "commission": fmt(row["fees"]),
-        "all_or_none": bool(row["all_or_none"]),
-        "reason": row["reason"],
-    }
+    view = _order_static(row)
+    _order_dynamic(view, row)
+    return view
+
+
+class OrderViews:
+    """`order_view` for a stream of updates to the same orders (the ledger's trade updates): what never
+    changes on an order (ids, asset, terms, creation times) is built once per order and kept for the
+    `size` orders seen last; only the changing fields are built per update. Same output as
+    `order_view`."""
+
+    def __init__(self, size: int = 65_536) -> None:
+        self.size = size
+        self._static: dict[Any, dict[str, Any]] = {}
+
+    def view(self, row: Mapping[Any, Any]) -> dict[str, Any]:
+        static = self._static.get(row["id"])
+        if static is None:
+            if len(self._static) >= self.size:
+                del self._static[next(iter(self._static))]  # the oldest order seen
+            static = self._static[row["id"]] = _order_static(row)
+        view = static.copy()
+        _order_dynamic(view, row)
+        return view
 
 
 def position_view(symbol: str, pos: PositionState, price: Decimal | None) -> dict[str, Any]:
@@ -201,7 +187,14 @@ def activity_view(row: Mapping[Any, Any], order_status: str) -> dict[str, Any]:
 
 
 def _t(dt: datetime | None) -> str | None:
-    return iso(dt) if dt is not None else None
+    return _iso(dt) if dt is not None else None
+
+
+@lru_cache(maxsize=4096)
+def _iso(dt: datetime) -> str:
+    """`iso`, remembered: an order's times repeat across its views (and a ledger batch stamps every
+    order it changes with the same `updated_at`)."""
+    return iso(dt)
 
 
 def _id(value: UUID | None) -> str | None:
@@ -216,3 +209,64 @@ def _price(value: Decimal | None) -> str | None:
     if value is None:
         return None
     return fmt(value.quantize(_PRICE_PLACES))
+
+
+def _order_static(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """An order's view with the fields that never change filled in, the others `None` (in place, so
+    the keys keep `order_view`'s order)."""
+    symbol = row["symbol"]
+    return {
+        "id": str(row["id"]),
+        "client_order_id": row["client_order_id"],
+        "created_at": _t(row["created_at"]),
+        "updated_at": None,
+        "submitted_at": _t(row["submitted_at"]),
+        "filled_at": None,
+        "expired_at": None,
+        "canceled_at": None,
+        "failed_at": None,
+        "replaced_at": None,
+        "replaced_by": None,
+        "replaces": _id(row["replaces"]),
+        "asset_id": str(asset_id(symbol)),
+        "symbol": symbol,
+        "asset_class": asset_class(symbol),
+        "notional": fmt(row["notional"]),
+        "qty": fmt(row["qty"]),
+        "filled_qty": None,
+        "filled_avg_price": None,
+        "order_class": "simple",
+        "order_type": row["type"],
+        "type": row["type"],
+        "side": row["side"],
+        "position_intent": None,
+        "time_in_force": row["time_in_force"],
+        "limit_price": fmt(row["limit_price"]),
+        "stop_price": fmt(row["stop_price"]),
+        "status": None,
+        "extended_hours": bool(row["extended_hours"]),
+        "legs": None,
+        "trail_percent": None,
+        "trail_price": None,
+        "hwm": None,
+        "commission": None,
+        "all_or_none": bool(row["all_or_none"]),
+        "reason": None,
+    }
+
+
+def _order_dynamic(view: dict[str, Any], row: Mapping[Any, Any]) -> None:
+    """Fill in the fields of an order's view that fills, cancels and replaces change."""
+    filled = row["filled_qty"]
+    view["updated_at"] = _t(row["updated_at"])
+    view["filled_at"] = _t(row["filled_at"])
+    view["expired_at"] = _t(row["expired_at"])
+    view["canceled_at"] = _t(row["canceled_at"])
+    view["failed_at"] = _t(row["failed_at"])
+    view["replaced_at"] = _t(row["replaced_at"])
+    view["replaced_by"] = _id(row["replaced_by"]) if row["status"] == "replaced" else None
+    view["filled_qty"] = fmt(filled)
+    view["filled_avg_price"] = _price(row["filled_notional"] / filled) if filled else None
+    view["status"] = row["status"]
+    view["commission"] = fmt(row["fees"])
+    view["reason"] = row["reason"]
