@@ -155,7 +155,7 @@ class Infra:
                 shutil.rmtree(pgdata)
             pgdata.mkdir(parents=True)
             _chown(pgdata, user)
-            subprocess.run(
+            initdb = subprocess.run(
                 [
                     str(bindir / "initdb"),
                     "-D",
@@ -168,11 +168,17 @@ class Infra:
                     "--no-sync",
                     "--no-instructions",
                 ],
-                check=True,
                 capture_output=True,
+                text=True,
                 user=user,
                 cwd=str(pgdata),
             )
+            if initdb.returncode != 0:  # say why (a bare CalledProcessError hides initdb's own words)
+                shutil.rmtree(pgdata, ignore_errors=True)
+                raise RuntimeError(
+                    f"initdb of the embedded Postgres failed (exit {initdb.returncode}): "
+                    f"{(initdb.stderr or initdb.stdout).strip()[-2000:]}"
+                )
         port = free_port()
         argv = [
             str(bindir / "postgres"),
