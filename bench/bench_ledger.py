@@ -55,7 +55,7 @@ from sqlalchemy import create_engine, insert  # noqa: E402
 
 from papertrade import codec  # noqa: E402
 from papertrade.bus import subjects  # noqa: E402
-from papertrade.bus.streams import ensure_streams  # noqa: E402
+from papertrade.bus.streams import ensure_streams, exec_consumer_config  # noqa: E402
 from papertrade.db import migrate  # noqa: E402
 from papertrade.enums import ExecType, LiquiditySide, Side  # noqa: E402
 from papertrade.messages import ExecReport  # noqa: E402
@@ -227,20 +227,7 @@ async def _drive(
 async def _create_durable(js: Any, durable: str, start_seq: int) -> None:
     """The bench's durable, created before the ledger binds to it: it starts after what is stored
     (other runs' reports), the rest of its config as `streams.exec_consumer` makes it."""
-    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-    await js.add_consumer(
-        subjects.STREAM_EX_EXEC,
-        ConsumerConfig(
-            durable_name=durable,
-            filter_subject=subjects.EX_EXEC_ALL,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=start_seq,
-            ack_wait=30,
-            max_ack_pending=20_000,
-        ),
-    )
+    await js.add_consumer(subjects.STREAM_EX_EXEC, exec_consumer_config(durable, start_seq))
 
 
 def _batch_metrics() -> tuple[float, float]:

@@ -19,13 +19,12 @@ from uuid import UUID
 import nats
 import psycopg
 import pytest
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import create_engine, insert
 from structlog.testing import capture_logs
 
 from papertrade import codec
 from papertrade.bus import subjects
-from papertrade.bus.streams import ensure_streams
+from papertrade.bus.streams import ensure_streams, exec_consumer_config
 from papertrade.db import migrate
 from papertrade.enums import ExecType, LiquiditySide, Side
 from papertrade.ledger import CommissionModel, Ledger
@@ -63,18 +62,7 @@ async def consumer(settings: BrokerSettings) -> AsyncIterator[LedgerConsumer]:
     js = nc.jetstream()
     await ensure_streams(js)
     info = await js.stream_info(subjects.STREAM_EX_EXEC)
-    await js.add_consumer(
-        subjects.STREAM_EX_EXEC,
-        ConsumerConfig(
-            durable_name=durable,
-            filter_subject=subjects.EX_EXEC_ALL,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=info.state.last_seq + 1,
-            ack_wait=30,
-            max_ack_pending=20_000,
-        ),
-    )
+    await js.add_consumer(subjects.STREAM_EX_EXEC, exec_consumer_config(durable, info.state.last_seq + 1))
     await nc.close()
     c = LedgerConsumer(settings, durable)
     c.retry_delay = 0.05

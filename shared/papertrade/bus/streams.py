@@ -75,10 +75,19 @@ async def exec_consumer(js: JetStreamContext, durable: str) -> JetStreamContext.
         subjects.EX_EXEC_ALL,
         durable=durable,
         stream=subjects.STREAM_EX_EXEC,
-        config=ConsumerConfig(
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=30,
-            max_ack_pending=20_000,
-        ),
+        config=exec_consumer_config(durable),
+    )
+
+
+def exec_consumer_config(durable: str, start_seq: int | None = None) -> ConsumerConfig:
+    """The settings of an exec-stream consumer (`exec_consumer`): from the first report, or from
+    stream sequence `start_seq` on (a benchmark or test that must not see earlier runs' reports)."""
+    return ConsumerConfig(
+        durable_name=durable,
+        filter_subject=subjects.EX_EXEC_ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL if start_seq is None else DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=start_seq,
+        ack_wait=30,
+        max_ack_pending=20_000,
     )
