@@ -245,6 +245,13 @@ async def test_stream_with_poison_and_redelivery(
         await asyncio.wait_for(task, 10)
     await nc.close()
     assert any(e.get("event") == "unreadable execution report skipped" for e in logs)
+    # neither is gone: both are kept as received, with why
+    letters = db.execute(
+        "select data, reason, subject from ledger_dead_letters order by stream_seq"
+    ).fetchall()
+    assert [bytes(d) for d, _, _ in letters] == [b"{not json", poison], letters
+    assert letters[0][1].startswith("unreadable") and letters[1][1].startswith("failed 5 times")
+    assert {subj for _, _, subj in letters} == {subject}
     assert _snapshot(db, acct) == before and len(events) == 80
     _check_invariant(db, acct)
     assert db.execute("SELECT count(*) FROM executions WHERE exec_id = 'P1'").fetchone() == (0,)

@@ -9,8 +9,10 @@ inserts the executions, upserts the positions, updates the orders and the accoun
 parameters, and the COMMIT). Every message of the batch is acked only after the commit. A
 redelivered report finds its execution row (fills) or its order already past that state (everything
 else) and changes nothing. Reports of accounts the broker does not keep (the liquidity agent's) are
-acked and skipped; unreadable ones are logged and acked; a report that fails on its own is retried
-(nak with a delay) and dropped with an error log after `MAX_DELIVERIES`.
+acked and skipped; unreadable ones are kept in `ledger_dead_letters` and acked; a report that fails
+on its own is retried (nak with a delay) and, after `MAX_DELIVERIES`, kept there too and terminated
+with an error log, so it never holds the stream up and is never gone (a report whose dead letter
+Postgres did not take is redelivered).
 """
 
 from __future__ import annotations
@@ -73,8 +75,14 @@ PULL_EXPIRES = 2.0
 #: The most reports booked in one transaction. Measured (bench_ledger): 256 beats 1,024 on throughput
 #: and latency (a long transaction holds everything behind it) and 128 (fixed costs per statement).
 MAX_BATCH = 256
-#: Deliveries of a report that fails on its own before it is dropped (logged) instead of retried.
+#: Deliveries of a report that fails on its own before it is set aside (`ledger_dead_letters`,
+#: logged) instead of retried.
 MAX_DELIVERIES = 5
+#: A report set aside: one row per stream sequence (a repeat of one already kept changes nothing).
+INSERT_DEAD_LETTER = (
+    "INSERT INTO ledger_dead_letters (stream_seq, subject, deliveries, reason, data) "
+    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (stream_seq) DO NOTHING"
+)
 #: How often the ledger process sends its metrics to the broker process (seconds).
 METRICS_EVERY = 1.0
 
@@ -254,13 +262,22 @@ class LedgerConsumer:
     async def handle(self, msgs: Sequence[Msg]) -> None:
         """Apply a batch in one transaction, then ack; on a failure, retry message by message."""
         reports: list[tuple[Msg, ExecReport | None]] = []
+        unreadable: list[tuple[Msg, str]] = []
         for msg in msgs:
             try:
                 reports.append((msg, codec.decode(msg.data, ExecReport)))
             except ValidationError as exc:
                 _log.error("unreadable execution report skipped", subject=msg.subject, error=str(exc))
                 _counter("unknown", "unreadable").inc()
-                reports.append((msg, None))
+                unreadable.append((msg, f"unreadable: {exc}"))
+        if unreadable:  # kept as dead letters, then acked with the batch; else redelivered later
+            kept = await self._dead_letter(unreadable)
+            for msg, _ in unreadable:
+                if kept:
+                    reports.append((msg, None))
+                else:
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=self.retry_delay)
         valid = [r for _, r in reports if r is not None]
         try:
             batch = await self._apply(valid)
@@ -303,13 +320,18 @@ class LedgerConsumer:
                     deliveries = _deliveries(msg)
                     # Postgres unreachable, a deadlock, a serialization failure: never the report's fault.
                     transient = isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
-                    if deliveries >= MAX_DELIVERIES and not transient:
+                    if (
+                        deliveries >= MAX_DELIVERIES
+                        and not transient
+                        and await self._dead_letter([(msg, f"failed {deliveries} times: {exc!r}")])
+                    ):
                         _log.error(
                             "execution report dropped after repeated failures",
                             error=repr(exc),
                             deliveries=deliveries,
                             subject=msg.subject,
                             data=msg.data[:500].decode(errors="replace"),
+                            kept_in="ledger_dead_letters",
                         )
                         _counter(report.exec.value, "dropped").inc()
                         await self._send(msg, _TERM)
@@ -398,6 +420,19 @@ class LedgerConsumer:
         BATCH_SECONDS.observe(time.perf_counter() - start)
         self.applied += len(reports)
         return batch
+
+    async def _dead_letter(self, msgs: Sequence[tuple[Msg, str]]) -> bool:
+        """Keep reports the ledger cannot book in `ledger_dead_letters` (the bytes as received, the
+        subject, the stream sequence, why), so none is gone; False if Postgres did not take them."""
+        rows = [(_stream_seq(m), m.subject, _deliveries(m), why[:2000], m.data) for m, why in msgs]
+        try:
+            conn = await self._connection()
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(INSERT_DEAD_LETTER, rows)
+        except Exception as exc:
+            _log.error("dead letters not stored; the reports stay in the stream", error=repr(exc))
+            return False
+        return True
 
     async def _connection(self) -> psycopg.AsyncConnection[dict[str, Any]]:
         """The ledger's own Postgres connection (plain psycopg, prepared generic plans), reopened if lost."""
@@ -891,6 +926,14 @@ _FLAT = PositionState()
 def _counter(kind: str, outcome: str) -> Any:
     """The `REPORTS` child of one label pair (looked up once)."""
     return REPORTS.labels(kind, outcome)
+
+
+def _stream_seq(msg: Msg) -> int:
+    """`msg`'s sequence in the EX_EXEC stream (0 if it cannot tell)."""
+    try:
+        return int(msg.metadata.sequence.stream)
+    except Exception:
+        return 0
 
 
 def _deliveries(msg: Msg) -> int:

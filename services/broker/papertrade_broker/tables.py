@@ -130,4 +130,17 @@ positions = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
-__all__ = ["accounts", "api_keys", "executions", "metadata", "orders", "positions"]
+#: Execution reports the ledger could not book (unreadable, or failing on their own `MAX_DELIVERIES`
+#: times): kept as received, for an operator to repair and publish again; never silently gone.
+ledger_dead_letters = Table(
+    "ledger_dead_letters",
+    metadata,
+    Column("stream_seq", BigInteger, primary_key=True),
+    Column("subject", String(256), nullable=False),
+    Column("deliveries", BigInteger, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)
+
+__all__ = ["accounts", "api_keys", "executions", "ledger_dead_letters", "metadata", "orders", "positions"]
