@@ -48,13 +48,6 @@ async def checkers(infra: Endpoints) -> AsyncIterator[tuple[RiskChecker, RiskChe
         await batcher.close()
 
 
-@pytest.fixture
-async def redis(infra: Endpoints) -> AsyncIterator[Redis]:
-    client = Redis.from_url(infra.redis_url)
-    yield client
-    await client.aclose()
-
-
 async def _decide(checker: RiskChecker, req: RiskCheckRequest) -> RiskDecision:
     fut: asyncio.Future[RiskDecision] = asyncio.get_running_loop().create_future()
 

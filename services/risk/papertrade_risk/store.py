@@ -54,6 +54,16 @@ local function snap(a)
     kill = redis.call('GET', P .. 'kill:a:' .. a) or '',
   }
 end
+-- a hash's changes: flat [field, value, ...]; an empty value deletes the field
+local function hput(key, changes)
+  for j = 1, #changes, 2 do
+    if changes[j + 1] == '' then
+      redis.call('HDEL', key, changes[j])
+    else
+      redis.call('HSET', key, changes[j], changes[j + 1])
+    end
+  end
+end
 local function nowms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -70,20 +80,8 @@ for i = 2, #ARGV do
       if redis.call('GET', P .. 'own:' .. a) ~= w.tok then
         st[n] = 'fenced'
       else
-        for j = 1, #w.o, 2 do
-          if w.o[j + 1] == '' then
-            redis.call('HDEL', k(a, 'open'), w.o[j])
-          else
-            redis.call('HSET', k(a, 'open'), w.o[j], w.o[j + 1])
-          end
-        end
-        for j = 1, #w.p, 2 do
-          if w.p[j + 1] == '' then
-            redis.call('HDEL', k(a, 'pos'), w.p[j])
-          else
-            redis.call('HSET', k(a, 'pos'), w.p[j], w.p[j + 1])
-          end
-        end
+        hput(k(a, 'open'), w.o)
+        hput(k(a, 'pos'), w.p)
         if w.day ~= '' then redis.call('SET', k(a, 'day'), w.day) end
         for _, dk in ipairs(w.seen) do redis.call('SET', dk, '1', 'EX', 259200) end
         if w.rn ~= '' then
