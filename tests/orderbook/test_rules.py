@@ -9,7 +9,7 @@ from uuid import UUID
 
 import pytest
 
-from papertrade.book import ExpireDayCmd, OrderBook
+from papertrade.book import ExpireDayCmd, OrderBook, QuoteCmd
 from papertrade.book.liquidity import LiquidityConfig, Rung, ladder, reconcile
 from papertrade.enums import ExecType, Side
 from papertrade.messages import CancelCmd, NewOrderCmd
@@ -452,6 +452,54 @@ def test_reports_are_numbered_and_deterministic() -> None:
         return b"\n".join(encode(r) for r in out)
 
     assert run() == run()
+
+
+def test_quote_replaces_a_ladder_as_one_command(h: Harness) -> None:
+    """The maker's cancels and places are one command: the next order meets the new ladder whole,
+    never the gap between them (a market buy once found no asks at all), in the order given."""
+    h.new(1, "sell", 100, "100.05", account=B)
+    h.new(2, "buy", 100, "99.95", account=B)
+
+    def place(n: int, side: str, qty: int, price: str, account: UUID = B) -> NewOrderCmd:
+        return NewOrderCmd(
+            order_id=oid(n),
+            account_id=account,
+            symbol="AAPL",
+            side=Side(side),
+            type="limit",  # type: ignore[arg-type]
+            time_in_force="gtc",  # type: ignore[arg-type]
+            t=T0,
+            qty=Decimal(qty),
+            limit_price=Decimal(price),
+        )
+
+    quote = QuoteCmd(
+        symbol="AAPL",
+        account_id=B,
+        t=T0,
+        cancels=(oid(1), oid(2), oid(99)),
+        places=(
+            place(3, "sell", 100, "101.05"),
+            place(4, "buy", 100, "100.95"),
+            place(5, "sell", 1, "102", A),
+        ),
+        reason="liquidity re-quote",
+    )
+    out = h.apply(quote)
+    assert [(r.order_id, r.exec.value) for r in out] == [
+        (oid(1), "canceled"),
+        (oid(2), "canceled"),
+        (oid(99), "rejected"),  # an unknown id is refused on its own, the rest goes on
+        (oid(3), "accepted"),
+        (oid(4), "accepted"),
+        (oid(5), "rejected"),  # not the quoting account's order
+    ]
+    assert out[0].reason == "liquidity re-quote"
+    assert "holds an order of" in (out[5].reason or "")
+    assert h.bids() == [("100.95", "100", 1)] and h.asks() == [("101.05", "100", 1)]
+    assert fills(h.new(6, "buy", 10)) == [("101.05", "10")]
+    other = QuoteCmd(symbol="MSFT", account_id=B, t=T0, cancels=(oid(3),))
+    assert kinds(h.apply(other)) == ["rejected"] and h.asks() == [("101.05", "90", 1)]
 
 
 # --- liquidity model --------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from nats.js.errors import NotFoundError
 
 from papertrade import calendar, keys
 from papertrade.accounts import LIQUIDITY_ACCOUNT_ID
-from papertrade.book import BookCommand, ExpireDayCmd, OpenBookCmd, OrderBook
+from papertrade.book import BookCommand, ExpireDayCmd, OpenBookCmd, OrderBook, QuoteCmd
 from papertrade.book.liquidity import LiquidityConfig, ladder, reconcile
 from papertrade.bus import subjects
 from papertrade.bus.streams import EX_CMD_STREAM, EX_EXEC_STREAM, ensure_streams
@@ -53,7 +53,7 @@ from papertrade.codec import decode, encode
 from papertrade.enums import ExecType, Interval, OrderType, SelfTradePrevention, Side, TimeInForce
 from papertrade.errors import ValidationError
 from papertrade.instruments import instrument
-from papertrade.messages import CancelCmd, ExecReport, NewOrderCmd
+from papertrade.messages import ExecReport, NewOrderCmd
 from papertrade.models import Bar
 from papertrade.money import fmt
 from papertrade.service import ServiceContext
@@ -257,7 +257,7 @@ class Exchange:
             return
         book = self.books.get(symbol)
         if book is None:
-            if isinstance(cmd, ExpireDayCmd):
+            if isinstance(cmd, ExpireDayCmd | QuoteCmd):
                 return
             await self._publish_reports(symbol, [self._orphan_reject(symbol, cmd)], None, live)
             return
@@ -319,7 +319,7 @@ class Exchange:
     def _orphan_reject(self, symbol: str, cmd: BookCommand) -> ExecReport:
         seq = self._orphan_seq.get(symbol, 0) + 1
         self._orphan_seq[symbol] = seq
-        assert not isinstance(cmd, OpenBookCmd | ExpireDayCmd)
+        assert not isinstance(cmd, OpenBookCmd | ExpireDayCmd | QuoteCmd)
         side = cmd.side if isinstance(cmd, NewOrderCmd) else Side.BUY
         return ExecReport(
             exec=ExecType.REJECTED,
@@ -605,21 +605,14 @@ class Exchange:
             else []
         )
         cancels, places = reconcile(resting, ladder(ref, cfg, inst.tick, inst.lot), cfg.min_fill_ratio)
-        seq = 0
-        for oid in cancels:
-            seq = await self.send(
-                symbol,
-                CancelCmd(
-                    order_id=oid,
-                    account_id=LIQUIDITY_ACCOUNT_ID,
-                    symbol=symbol,
-                    t=t,
-                    reason="liquidity re-quote",
-                ),
-            )
-        for rung in places:
-            seq = await self.send(
-                symbol,
+        if not cancels and not places:
+            return
+        quote = QuoteCmd(
+            symbol=symbol,
+            account_id=LIQUIDITY_ACCOUNT_ID,
+            t=t,
+            cancels=tuple(cancels),
+            places=tuple(
                 NewOrderCmd(
                     order_id=uuid4(),
                     account_id=LIQUIDITY_ACCOUNT_ID,
@@ -631,10 +624,12 @@ class Exchange:
                     qty=rung.qty,
                     limit_price=rung.price,
                     stp=SelfTradePrevention.CANCEL_OLDEST,
-                ),
-            )
-        if seq:
-            self._agent_inflight[symbol] = seq
+                )
+                for rung in places
+            ),
+            reason="liquidity re-quote",
+        )
+        self._agent_inflight[symbol] = await self.send(symbol, quote)
 
     async def withdraw(self, symbol: str, t: datetime | None) -> None:
         """Cancel every order of the liquidity agent on `symbol`.
@@ -653,20 +648,16 @@ class Exchange:
         when = t or book.t or (self._last_bar[symbol].t if symbol in self._last_bar else None)
         if when is None:
             return
-        seq = 0
-        for o in book.orders_of(LIQUIDITY_ACCOUNT_ID):
-            seq = await self.send(
-                symbol,
-                CancelCmd(
-                    order_id=o["id"],
-                    account_id=LIQUIDITY_ACCOUNT_ID,
-                    symbol=symbol,
-                    t=when,
-                    reason="liquidity off",
-                ),
+        cancels = tuple(o["id"] for o in book.orders_of(LIQUIDITY_ACCOUNT_ID))
+        if cancels:
+            quote = QuoteCmd(
+                symbol=symbol,
+                account_id=LIQUIDITY_ACCOUNT_ID,
+                t=when,
+                cancels=cancels,
+                reason="liquidity off",
             )
-        if seq:
-            self._agent_inflight[symbol] = seq
+            self._agent_inflight[symbol] = await self.send(symbol, quote)
 
     def _agent_lock(self, symbol: str) -> asyncio.Lock:
         return self._agent_locks.setdefault(symbol, asyncio.Lock())

@@ -3,8 +3,8 @@
 Two layers, both stable API:
 
 - `OrderBook(symbol)` (papertrade.book.orderbook): exact decimals and the NATS messages. Feed it
-  `NewOrderCmd` / `CancelCmd` / `ReplaceCmd` (papertrade.messages) or `ExpireDayCmd`
-  (papertrade.book.commands); `apply(cmd)` returns the `ExecReport`s the command caused, numbered by
+  `NewOrderCmd` / `CancelCmd` / `ReplaceCmd` (papertrade.messages) or `ExpireDayCmd` / `QuoteCmd`
+  (papertrade.book.commands: a session close; one account's cancels and places applied as a unit); `apply(cmd)` returns the `ExecReport`s the command caused, numbered by
   the book's `seq`. Bad commands (off-tick price, bad qty, unknown id, ...) give one `rejected`
   report with the reason and leave the book untouched. Queries: `top()`, `spread()`, `level(side,
   i)`, `levels(side, n)`, `depth(n)`, `find(order_id)`, `orders_of(account)`, `last_price`;
@@ -50,7 +50,7 @@ Example::
 The synthetic market maker's pure model is `papertrade.book.liquidity` (`ladder`, `reconcile`).
 """
 
-from papertrade.book.commands import BookCommand, ExpireDayCmd, OpenBookCmd
+from papertrade.book.commands import BookCommand, ExpireDayCmd, OpenBookCmd, QuoteCmd
 from papertrade.book.engine import Book
 from papertrade.book.orderbook import OrderBook, default_engine, to_exec_reports
 
@@ -60,6 +60,7 @@ __all__ = [
     "ExpireDayCmd",
     "OpenBookCmd",
     "OrderBook",
+    "QuoteCmd",
     "default_engine",
     "to_exec_reports",
 ]

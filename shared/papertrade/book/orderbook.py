@@ -14,7 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from papertrade.book import engine as E
-from papertrade.book.commands import BookCommand, ExpireDayCmd, OpenBookCmd
+from papertrade.book.commands import BookCommand, ExpireDayCmd, OpenBookCmd, QuoteCmd
 from papertrade.book.native import native_book
 from papertrade.enums import ExecType, LiquiditySide, OrderType, SelfTradePrevention, Side, TimeInForce
 from papertrade.instruments import instrument
@@ -79,8 +79,8 @@ class OrderBook:
         if cmd.t is not None:
             self.t = cmd.t
         if normalize_symbol(cmd.symbol) != self.symbol:
-            oid = cmd.order_id if not isinstance(cmd, ExpireDayCmd) else NIL_ACCOUNT
-            acct = cmd.account_id if not isinstance(cmd, ExpireDayCmd) else NIL_ACCOUNT
+            oid = NIL_ACCOUNT if isinstance(cmd, ExpireDayCmd | QuoteCmd) else cmd.order_id
+            acct = NIL_ACCOUNT if isinstance(cmd, ExpireDayCmd) else cmd.account_id
             core.reject(oid, acct, None, f"symbol: {cmd.symbol} is not this book's ({self.symbol})")
         elif isinstance(cmd, NewOrderCmd):
             self._new(cmd)
@@ -90,6 +90,8 @@ class OrderBook:
             self._replace(cmd)
         elif isinstance(cmd, ExpireDayCmd):
             core.expire_day(cmd.t)
+        elif isinstance(cmd, QuoteCmd):
+            self._quote(cmd)
         return self.drain(cmd.t)
 
     def drain(self, t: datetime) -> list[ExecReport]:
@@ -210,6 +212,20 @@ class OrderBook:
         return book
 
     # --- internals ------------------------------------------------------------------------------
+
+    def _quote(self, cmd: QuoteCmd) -> None:
+        core = self.core
+        for oid in cmd.cancels:
+            core.cancel(oid, cmd.reason or "canceled", cmd.account_id)
+        for place in cmd.places:
+            if normalize_symbol(place.symbol) != self.symbol or place.account_id != cmd.account_id:
+                reason = (
+                    f"quote: the quote of {cmd.account_id} on {self.symbol} holds an order of"
+                    f" {place.account_id} on {place.symbol}"
+                )
+                core.reject(place.order_id, place.account_id, SIDE_CODE[place.side], reason)
+            else:
+                self._new(place)
 
     def _new(self, cmd: NewOrderCmd) -> None:
         core = self.core
