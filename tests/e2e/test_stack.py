@@ -109,8 +109,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             "STREAMER_INTERVALS": "1m",
             "STREAMER_SEED": "8",
             "ORDERBOOK_WATCHLIST_POLL_SECONDS": "0.5",
-            # snapshots often enough that the orderbook's restart is snapshot + the stream's tail
-            "ORDERBOOK_SNAPSHOT_EVERY": "100",
+            # snapshots often enough that the orderbook's restart is snapshot + the stream's tail (a
+            # bar makes one command per symbol: the maker's re-quote is one QuoteCmd)
+            "ORDERBOOK_SNAPSHOT_EVERY": "20",
         }
     )
     data_dir: Path = tmp_path_factory.mktemp("e2e-stack")
