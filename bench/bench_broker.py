@@ -22,8 +22,11 @@ crosses a resting buy and both sides fill: each order makes an `accepted` report
   the broker must book every fill: fill reports seen on `ex.exec.>` for the bench accounts = execution
   rows in Postgres. fill-to-commit = a fill report seen on `ex.exec.>` until its trade update (which
   the broker publishes after the commit) is seen, in this process.
-Floors (../shared/bench/FLOORS.md) are printed beside; NATS request/reply and a Postgres commit are
-re-measured in the same run. Writes bench/results/broker.json.
+Floors: the HTTP floor (`floor_http.py`: a minimal FastAPI POST) is measured in the same run with the
+same client code (sequential aiohttp, then the same load generator), once the stack is idle; the
+ratios of the HTTP figures are to it. NATS request/reply and a Postgres commit are re-measured in the
+same run too; ../shared/bench/FLOORS.md's figures are printed beside (the machine's speed varies
+between days: compare ratios from one run). Writes bench/results/broker.json.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,8 @@ RESULTS = ROOT / "bench" / "results" / "broker.json"
 FLOOR_HTTP_RPS = 4940.0  # FLOORS.md: minimal FastAPI POST, 50 connections, wrk
 FLOOR_HTTP_P50_MS = 0.29  # FLOORS.md: same, sequential, raw-socket client
 FLOOR_HTTP_P99_MS = 0.51
+FLOOR_RR_P50_MS = 0.37  # FLOORS.md: NATS request/reply
+FLOOR_PG_P50_MS = 0.54  # FLOORS.md: a one-row Postgres commit
 
 
 def main() -> int:
@@ -91,6 +96,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     seconds = args.seconds or (60.0 if args.full else 10.0)
+    loadgen = _loadgen(args.loadgen)
     console = Console()
     with ExitStack() as stack:
         endpoints = _endpoints(stack)
@@ -124,12 +130,15 @@ def main() -> int:
                     args.single,
                     console,
                     pids,
-                    _loadgen(args.loadgen),
+                    loadgen,
                 )
             )
         finally:
             for proc in reversed(procs):
                 proc.stop()
+        console.print("the HTTP floor (the stack stopped), with the same clients ...")
+        with _floor_server() as floor_url:
+            figures |= asyncio.run(_http_floor(floor_url, args.clients, seconds, args.single, loadgen))
     _report(figures, seconds, args.clients, console)
     return 0
 
@@ -178,6 +187,26 @@ async def _run(
 async def _single(
     url: str, buyer: dict[str, Any], seller: dict[str, Any], obs: _Observer, n: int
 ) -> dict[str, Any]:
+    ack, sent = await _sequential(url, buyer, seller, n)
+    deadline = time.perf_counter() + 30
+    while time.perf_counter() < deadline and not all(oid in obs.filled_at for oid in sent):
+        await asyncio.sleep(0.05)
+    to_fill = [obs.filled_at[oid] - t for oid, t in sent.items() if oid in obs.filled_at]
+    return {
+        "single_ack_p50": _pct(ack, 50),
+        "single_ack_p99": _pct(ack, 99),
+        "single_fill_p50": _pct(to_fill, 50),
+        "single_fill_p99": _pct(to_fill, 99),
+        "single_n": len(ack),
+        "single_missing_fills": len(sent) - len(to_fill),
+    }
+
+
+async def _sequential(
+    url: str, buyer: dict[str, Any], seller: dict[str, Any], n: int
+) -> tuple[list[float], dict[str, float]]:
+    """`n` orders one after the other (after 50 of warm-up), buys and sells in turn: each one's
+    submit-to-answer seconds, and when each order (by id) was sent."""
     ack: list[float] = []
     sent: dict[str, float] = {}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2)) as session:
@@ -193,17 +222,45 @@ async def _single(
             if i >= 50:  # warm-up excluded
                 ack.append(t1 - t0)
                 sent[orjson.loads(data)["id"]] = t0
-        deadline = time.perf_counter() + 30
-        while time.perf_counter() < deadline and not all(oid in obs.filled_at for oid in sent):
-            await asyncio.sleep(0.05)
-    to_fill = [obs.filled_at[oid] - t for oid, t in sent.items() if oid in obs.filled_at]
+    return ack, sent
+
+
+@contextlib.contextmanager
+def _floor_server() -> Iterator[str]:
+    """`floor_http.py` on a free port, ready: its URL."""
+    port = free_port()
+    argv = [sys.executable, str(ROOT / "bench" / "floor_http.py"), "--port", str(port)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/account", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read() if proc.stderr and proc.poll() is not None else b""
+                raise RuntimeError(f"the HTTP floor server did not start: {err[-500:]!r}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _http_floor(url: str, clients: int, seconds: float, single: int, loadgen: str) -> dict[str, Any]:
+    """The HTTP floor in this run, driven by the very client code that drives the broker: sequential
+    p50 / p99, and req/s under the same load generator (at most 10 s)."""
+    fake = [{"api_key_id": f"FLOOR{i}", "api_secret_key": "floor"} for i in range(clients)]
+    ack, _ = await _sequential(url, fake[0], fake[1], single)
+    load = _load_wrk if loadgen == "wrk" else _load
+    figures = await load(url, fake, min(seconds, 10.0), lambda: None)
     return {
-        "single_ack_p50": _pct(ack, 50),
-        "single_ack_p99": _pct(ack, 99),
-        "single_fill_p50": _pct(to_fill, 50),
-        "single_fill_p99": _pct(to_fill, 99),
-        "single_n": len(ack),
-        "single_missing_fills": len(sent) - len(to_fill),
+        "floor_http_p50": _pct(ack, 50),
+        "floor_http_p99": _pct(ack, 99),
+        "floor_http_rps": figures["load_rps"],
     }
 
 
@@ -691,15 +748,15 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
             "single order submit-to-ack p50",
             ms(f["single_ack_p50"]),
             "ms",
-            "FastAPI POST floor p50",
-            FLOOR_HTTP_P50_MS,
+            "HTTP floor p50, this run",
+            ms(f["floor_http_p50"]),
         ),
         row(
             "single order submit-to-ack p99",
             ms(f["single_ack_p99"]),
             "ms",
-            "FastAPI POST floor p99",
-            FLOOR_HTTP_P99_MS,
+            "HTTP floor p99, this run",
+            ms(f["floor_http_p99"]),
         ),
         row("single order submit-to-fill-update p50", ms(f["single_fill_p50"]), "ms", None, None),
         row("single order submit-to-fill-update p99", ms(f["single_fill_p99"]), "ms", None, None),
@@ -707,8 +764,8 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
             f"{clients} clients ({f['loadgen']}), {seconds:g} s: orders/s",
             round(f["load_rps"], 1),
             "orders/s",
-            "FastAPI POST floor req/s (wrk)",
-            FLOOR_HTTP_RPS,
+            f"HTTP floor req/s, this run ({f['loadgen']})",
+            round(f["floor_http_rps"], 1),
         ),
         row(f"{clients} clients: submit latency p50", ms(f["load_p50"]), "ms", None, None),
         row(f"{clients} clients: submit latency p99", ms(f["load_p99"]), "ms", None, None),
@@ -738,8 +795,41 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
         row("ledger: batches booked (whole run)", f["ledger_batches"], "count", None, None),
         row("ledger: mean reports per batch", _round(f["ledger_batch_size"], 1), "reports", None, None),
         row("ledger: mean batch apply + commit", _round(f["ledger_batch_ms"], 2), "ms", None, None),
-        row("floor: NATS request/reply p50 (this run)", ms(f["floor_rr_p50"]), "ms", "FLOORS.md", 0.37),
-        row("floor: Postgres one-row commit p50 (this run)", ms(f["floor_pg_p50"]), "ms", "FLOORS.md", 0.54),
+        row(
+            "floor: NATS request/reply p50 (this run)",
+            ms(f["floor_rr_p50"]),
+            "ms",
+            "FLOORS.md",
+            FLOOR_RR_P50_MS,
+        ),
+        row(
+            "floor: Postgres one-row commit p50 (this run)",
+            ms(f["floor_pg_p50"]),
+            "ms",
+            "FLOORS.md",
+            FLOOR_PG_P50_MS,
+        ),
+        row(
+            "floor: HTTP sequential p50 (this run, aiohttp client)",
+            ms(f["floor_http_p50"]),
+            "ms",
+            "FLOORS.md (raw socket)",
+            FLOOR_HTTP_P50_MS,
+        ),
+        row(
+            "floor: HTTP sequential p99 (this run, aiohttp client)",
+            ms(f["floor_http_p99"]),
+            "ms",
+            "FLOORS.md (raw socket)",
+            FLOOR_HTTP_P99_MS,
+        ),
+        row(
+            f"floor: HTTP req/s (this run, {f['loadgen']})",
+            round(f["floor_http_rps"], 1),
+            "req/s",
+            "FLOORS.md (wrk)",
+            FLOOR_HTTP_RPS,
+        ),
     ]
     table = Table(title="broker: HTTP submit -> risk -> orderbook -> execution -> Postgres -> trade update")
     for col in ("figure", "value", "unit", "compare", "ratio"):
