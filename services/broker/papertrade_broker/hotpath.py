@@ -29,6 +29,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.engine import make_url
 
+from papertrade import codec
 from papertrade.enums import OrderStatus
 from papertrade.money import ZERO
 
@@ -58,9 +59,12 @@ _COLUMNS = (
     "updated_at",
     "submitted_at",
 )
-#: A taken client_order_id answers no row instead of failing the transaction.
-INSERT_ORDER = (
-    f"INSERT INTO orders ({', '.join(_COLUMNS)}) VALUES ({', '.join(f'%({c})s' for c in _COLUMNS)}) "
+#: A batch's new orders in one statement: one JSON array parameter (`%(rows)s`, objects keyed by
+#: `_COLUMNS`), typed by the `orders` table itself; psycopg's executemany would bind ~20 parameters
+#: per row in Python. A taken client_order_id answers no row instead of failing the transaction.
+INSERT_ORDERS = (
+    f"INSERT INTO orders ({', '.join(_COLUMNS)}) "
+    f"SELECT {', '.join(_COLUMNS)} FROM json_populate_recordset(NULL::orders, %(rows)s::json) "
     "ON CONFLICT DO NOTHING RETURNING id"
 )
 #: What a new order's row holds beside the values it is inserted with: nothing filled, no fees, no
@@ -338,13 +342,11 @@ class GroupCommit:
                         same[side_key] = same.get(side_key, ZERO) + item.qty
                     rows.append(item)
                 if rows:
-                    cur = conn.cursor()
-                    await cur.executemany(INSERT_ORDER, [b.values for b in rows], returning=True)
-            inserted: set[UUID] = set()
-            while cur is not None:
-                inserted.update(r["id"] for r in await cur.fetchall())
-                if not cur.nextset():
-                    break
+                    values = [{c: b.values[c] for c in _COLUMNS} for b in rows]
+                    cur = await conn.execute(
+                        INSERT_ORDERS, {"rows": codec.encode(values).decode()}, prepare=True
+                    )
+            inserted = {r["id"] for r in await cur.fetchall()} if cur is not None else set()
         booked: list[tuple[NewOrder[Any, Any], Mapping[str, Any]]] = []
         for item in rows:
             if item.values["id"] in inserted:
