@@ -1,8 +1,8 @@
 """The ledger consumer: execution reports from JetStream (EX_EXEC) into Postgres, then trade updates.
 
-A durable pull consumer (`streams.exec_consumer`) is read by this module's own pull loop (`_Puller`:
-one inbox subscription, `CONSUMER.MSG.NEXT` requests kept outstanding, so NATS delivers the next
-reports while a batch is being committed). What has arrived when the previous batch is done is the
+A durable pull consumer (`streams.exec_consumer`) is read by `papertrade.bus.pull.Puller` (one inbox
+subscription, `CONSUMER.MSG.NEXT` requests kept outstanding, so NATS delivers the next reports while a
+batch is being committed). What has arrived when the previous batch is done is the
 next batch: one transaction in two round trips (1: the batch's orders locked in id order, the
 executions already booked, the positions locked, unknown commission models; 2: ONE statement that
 inserts the executions, upserts the positions, updates the orders and the accounts' cash from JSON
@@ -27,7 +27,6 @@ import pickle
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,7 +35,6 @@ from functools import cache, lru_cache
 from typing import Any
 from uuid import UUID
 
-import orjson
 import psycopg
 import structlog
 import uvloop
@@ -50,7 +48,7 @@ from psycopg.rows import dict_row
 from papertrade import codec
 from papertrade.bus import subjects
 from papertrade.bus.connect import connect_nats
-from papertrade.bus.streams import exec_consumer
+from papertrade.bus.pull import exec_puller
 from papertrade.enums import ExecType, OrderStatus, Side
 from papertrade.errors import ValidationError
 from papertrade.ledger import CommissionModel, PositionState, apply_fill, cash_delta
@@ -66,12 +64,6 @@ from papertrade_broker.views import OrderViews
 _log = structlog.get_logger("papertrade_broker.ledger")
 
 DURABLE = "broker-ledger"
-#: Reports asked for by one pull request, and pull requests kept outstanding: at most their product
-#: is delivered and not yet booked (the next batch, arriving during a commit).
-PULL_BATCH = 256
-PULLS_OUTSTANDING = 2
-#: How long a pull request waits on the server when nothing comes (seconds).
-PULL_EXPIRES = 2.0
 #: The most reports booked in one transaction. Measured (bench_ledger): 256 beats 1,024 on throughput
 #: and latency (a long transaction holds everything behind it) and 128 (fixed costs per statement).
 MAX_BATCH = 256
@@ -291,17 +283,11 @@ class LedgerConsumer:
     async def _consume(self) -> None:
         if self._nc is None or self._nc.is_closed:
             self._nc = await connect_nats(self.settings.nats_url, "broker-ledger")
-        # The durable is created (or found) by the one definition of the exec consumer; its
-        # subscription is not used: `_Puller` reads the consumer.
-        sub = await exec_consumer(self._nc.jetstream(), self.durable)
-        info = await sub.consumer_info()
-        await sub.unsubscribe()
-        puller = _Puller(self._nc, info.stream_name, info.name)
-        await puller.start()
+        puller = await exec_puller(self._nc, self.durable)
         self.ready = True
         try:
             while not self.stopping.is_set():
-                msgs = await puller.next_batch(0.5)
+                msgs = await puller.next_batch(0.5, MAX_BATCH)
                 if msgs:
                     await self.handle(msgs)
         finally:
@@ -840,81 +826,6 @@ def _relay_metrics(source: _Snapshot) -> None:
 def _send_metrics(sink: _Snapshot) -> None:
     """In the ledger process: replace the snapshot in `sink` with a fresh one."""
     sink.write(pickle.dumps([m for c in (REPORTS, BATCH_SECONDS, FILL_TO_COMMIT) for m in c.collect()]))
-
-
-class _Puller:
-    """Reads a durable pull consumer without nats-py's `fetch()` (which sends a request and awaits
-    each message with its own timeout, per call): one subscription on an inbox of its own, and
-    `CONSUMER.MSG.NEXT` requests (`PULL_BATCH` reports, expiring after `PULL_EXPIRES`) kept
-    outstanding: `PULLS_OUTSTANDING` of them, re-issued as soon as one is used up or ends. Reports
-    arrive in a buffer while the caller books the previous batch; `next_batch` takes what is there."""
-
-    def __init__(self, nc: NATS, stream: str, consumer: str) -> None:
-        self._nc = nc
-        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-        self._request = orjson.dumps({"batch": PULL_BATCH, "expires": int(PULL_EXPIRES * 1e9)})
-        self._inbox = nc.new_inbox()
-        self._sub: Any = None
-        self._buffer: list[Msg] = []
-        self._arrived = asyncio.Event()
-        #: What each outstanding pull request may still deliver, oldest first (the server serves
-        #: waiting requests in order).
-        self._pulls: deque[int] = deque()
-        self._asked = 0.0
-
-    async def start(self) -> None:
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
-        await self._top_up()
-
-    async def stop(self) -> None:
-        """Unsubscribe; reports delivered and not booked are handed back at once (nak)."""
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
-        for msg in self._buffer:
-            with contextlib.suppress(Exception):
-                await msg.nak()
-        self._buffer = []
-
-    async def next_batch(self, timeout: float) -> list[Msg]:
-        """What has arrived (at most `MAX_BATCH`), waiting up to `timeout` for the first report."""
-        if not self._buffer:
-            await self._top_up()
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), timeout)
-        msgs = self._buffer[:MAX_BATCH]
-        del self._buffer[:MAX_BATCH]
-        return msgs
-
-    async def _on_msg(self, msg: Msg) -> None:
-        headers = msg.headers
-        status = headers.get("Status") if headers else None
-        if status is None:
-            self._buffer.append(msg)
-            self._arrived.set()
-            if self._pulls:
-                self._pulls[0] -= 1
-                if self._pulls[0] <= 0:
-                    self._pulls.popleft()
-        elif status == "100":  # an idle heartbeat (not asked for): nothing ended
-            return
-        elif self._pulls:
-            # 404 no messages, 408 request expired, 409 (max waiting, consumer deleted...): a pull
-            # request ended.
-            self._pulls.popleft()
-        await self._top_up()
-
-    async def _top_up(self) -> None:
-        now = time.monotonic()
-        if self._pulls and now - self._asked > PULL_EXPIRES + 1.0:
-            # Every outstanding request has expired by now: their end (a status message) was lost.
-            self._pulls.clear()
-        while len(self._pulls) < PULLS_OUTSTANDING and self._sub is not None:
-            await self._nc.publish(self._next, self._request, reply=self._inbox)
-            self._pulls.append(PULL_BATCH)
-            self._asked = now
 
 
 #: An account without a commission model, and a symbol without a position.

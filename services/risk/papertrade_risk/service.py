@@ -16,15 +16,13 @@ from uuid import UUID
 import orjson
 import structlog
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import FetchTimeoutError
 from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
 from papertrade import codec
 from papertrade.bus import subjects
-from papertrade.bus.streams import exec_consumer
+from papertrade.bus.pull import Puller, exec_puller
 from papertrade.errors import ValidationError
 from papertrade.messages import CancelCmd, ExecReport, RiskCheckRequest, RiskDecision
 from papertrade.risk import Limits, reject
@@ -45,7 +43,6 @@ _log = structlog.get_logger("risk")
 
 QUEUE_GROUP = "risk"
 DURABLE = "risk"
-FETCH = 256
 #: capped audit lists: per account and for all accounts
 LOG_PER_ACCOUNT = 1_000
 LOG_ALL = 10_000
@@ -81,6 +78,8 @@ class RiskService:
         self.consuming = False
         self.applied = 0
         self._subs: list[Any] = []
+        #: the exec stream's reader while `consume` runs
+        self._puller: Puller | None = None
         #: subscriptions kept until the leases are handed back (own subject, risk.ctl)
         self._own_subs: list[Any] = []
         self._watch = watch if watch is not None else redis
@@ -308,6 +307,8 @@ class RiskService:
             except Exception as exc:
                 _log.debug("unsubscribe failed", error=repr(exc))
         self._subs.clear()
+        if self._puller is not None:  # reports delivered and not applied go back at once
+            await self._puller.stop()
         try:
             await self.checker.close()
             nc = self.ctx.links.nats if self.subscribed else None
@@ -326,16 +327,17 @@ class RiskService:
 
     async def _consume(self) -> None:
         await self.ctx.links.wait_nats()
-        sub = await exec_consumer(self.ctx.links.js, self.durable)
-        self._subs.append(sub)
+        puller = await exec_puller(self.ctx.links.nats, self.durable)
+        self._puller = puller
         self.consuming = True
-        while not self.ctx.stopping.is_set():
-            try:
-                msgs = await sub.fetch(FETCH, timeout=1.0)
-            except (FetchTimeoutError, NatsTimeoutError, TimeoutError):
-                continue
-            if msgs:
-                await self.handle(msgs)
+        try:
+            while not self.ctx.stopping.is_set():
+                msgs = await puller.next_batch(1.0)
+                if msgs:
+                    await self.handle(msgs)
+        finally:
+            self._puller = None
+            await puller.stop()
 
     async def _apply(self, msg: Msg) -> None:
         try:
