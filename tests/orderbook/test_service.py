@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from papertrade import keys
 from papertrade.accounts import LIQUIDITY_ACCOUNT_ID
-from papertrade.book import BookCommand, OpenBookCmd, OrderBook
+from papertrade.book import BookCommand, OpenBookCmd, OrderBook, QuoteCmd
 from papertrade.bus import subjects
 from papertrade.bus.streams import ensure_streams
 from papertrade.codec import decode, encode
@@ -71,6 +71,13 @@ async def _reports(js: JetStreamContext, symbol: str, at_least: int, timeout: fl
     finally:
         await sub.unsubscribe()
     return out
+
+
+async def _last_command(js: JetStreamContext, symbol: str) -> BookCommand:
+    """The latest command on `ex.cmd.<symbol>` in the EX_CMD stream."""
+    msg = await js.get_last_msg(subjects.STREAM_EX_CMD, subjects.ex_cmd(symbol))
+    assert msg.data is not None
+    return decode(msg.data, BookCommand)  # type: ignore[arg-type]
 
 
 async def _until(check: Callable[[], Any], what: str, timeout: float = 20) -> Any:
@@ -342,6 +349,12 @@ async def test_liquidity_agent_quotes_around_the_bar_and_switches_off(
             ]
 
         await _until(refilled, "the re-quoted ladder")
+        # ... with one command: an order never lands between a re-quote's cancels and its places
+        quote = await _last_command(js, sym)
+        assert isinstance(quote, QuoteCmd) and quote.account_id == LIQUIDITY_ACCOUNT_ID
+        assert quote.cancels == () and [(str(o.limit_price), str(o.qty)) for o in quote.places] == [
+            ("100.05", "50")
+        ]
         r = await http.put(f"/v1/books/{sym}/liquidity", json={"enabled": False}, headers=ADMIN)
         assert r.status_code == 200
 
@@ -350,6 +363,8 @@ async def test_liquidity_agent_quotes_around_the_bar_and_switches_off(
             return body["bids"] == [] and body["asks"] == []
 
         await _until(empty, "the ladder withdrawn")
+        withdrawal = await _last_command(js, sym)
+        assert isinstance(withdrawal, QuoteCmd) and len(withdrawal.cancels) == 6 and withdrawal.places == ()
         await nc.publish(subjects.md_bar(Interval.M1, sym), encode(_next(_next(bar))))
         await asyncio.sleep(0.5)
         assert (await http.get(f"/v1/books/{sym}")).json()["asks"] == []
