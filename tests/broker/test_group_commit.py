@@ -5,13 +5,17 @@ refused after risk approved it is released."""
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import psycopg
+import pytest
+from psycopg import pq
 
 from papertrade.timeutil import utcnow
 from papertrade_broker import hotpath
@@ -92,6 +96,41 @@ async def test_a_client_order_id_twice_in_a_batch_is_answered_after_the_first_co
     assert released == [("twice", "duplicate client_order_id")]
 
 
+async def test_a_batch_is_two_round_trips_and_a_failed_one_leaves_no_transaction_open(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Round trip 1 (BEGIN, locks, read) and round trip 2 (INSERT, COMMIT) are all a batch costs
+    Postgres (psycopg's transaction() in a pipeline made five); after a batch that Postgres refuses,
+    the connection goes back to the pool idle, its locks released."""
+    account = UUID(broker.new_account()["id"])
+    writer, pool = await _writer(broker, [], [])
+    trace = tmp_path / "libpq.trace"
+    try:
+        await asyncio.wait_for(writer.submit(_order(account, "warm")), 30)  # statements prepared
+        async with pool.connection() as conn:  # the pool's only idle connection now: the writer's
+            pgconn = conn.pgconn
+        fd = os.open(trace, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        pgconn.trace(fd)
+        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        try:
+            answer = await asyncio.wait_for(writer.submit(_order(account, "traced")), 30)
+        finally:
+            pgconn.untrace()
+            os.close(fd)
+        assert isinstance(answer, Mapping)
+        directions = [line.split("\t", 1)[0] for line in trace.read_text().splitlines() if line]
+        flights = [d for i, d in enumerate(directions) if i == 0 or d != directions[i - 1]]
+        assert flights == ["F", "B", "F", "B"], flights
+        with pytest.raises(psycopg.DataError):
+            await asyncio.wait_for(writer.submit(_order(account, "nul\x00")), 30)
+        async with pool.connection() as conn:
+            assert conn.info.transaction_status is pq.TransactionStatus.IDLE
+    finally:
+        await writer.stop()
+        await pool.close()
+    assert _coids(broker, account) == ["warm", "traced"]
+
+
 async def _writer(
     broker: Broker, released: list[tuple[str, str]], routed: list[str]
 ) -> tuple[hotpath.GroupCommit, Any]:
@@ -114,7 +153,7 @@ async def _writer(
     async def route(item: hotpath.NewOrder[Any, Any], row: Mapping[str, Any]) -> None:
         routed.append(row["client_order_id"])
 
-    pool = hotpath.new_pool(broker.database_url, 2)
+    pool = hotpath.new_pool(broker.database_url, 1)
     await pool.open()
     writer = hotpath.GroupCommit(
         pool, screen=screen, check=check, prices=prices, release=release, route=route

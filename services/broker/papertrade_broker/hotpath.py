@@ -15,6 +15,7 @@ with array parameters Postgres otherwise keeps choosing a custom plan, i.e. re-p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +26,7 @@ from uuid import UUID
 import psycopg
 import structlog
 from psycopg import AsyncConnection
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.engine import make_url
@@ -109,6 +111,8 @@ SELECT a.id, a.cash,
     WHERE p.account_id = a.id AND (p.symbol = ANY(%(s)s) OR p.qty < 0)) AS held
 FROM accounts a WHERE a.id = ANY(%(a)s)
 """
+BEGIN = "BEGIN"
+COMMIT = "COMMIT"
 #: The most new orders one transaction books.
 MAX_BATCH = 256
 
@@ -285,67 +289,75 @@ class GroupCommit:
         repeats: list[NewOrder[Any, Any]] = []
         cur = None
         async with self.pool.connection() as conn:
-            # One pipeline: BEGIN + the account locks + the read (one round trip), the checks here,
-            # then the INSERTs + COMMIT (a second round trip, at the end of the block).
-            async with conn.pipeline(), conn.transaction():
-                await conn.execute(LOCK_ACCOUNTS, params, prepare=True)
-                c_state = await conn.execute(ACCOUNT_STATE, params, prepare=True)
-                cash: dict[UUID, Decimal] = {}
-                reserved: dict[UUID, Decimal] = {}
-                same: dict[tuple[UUID, str, str], Decimal] = {}
-                held: dict[UUID, list[list[str]]] = {}
-                for r in await c_state.fetchall():
-                    cash[r["id"]] = r["cash"]
-                    reserved[r["id"]] = r["reserved"]
-                    for symbol, side, open_qty in r["same_side"] or []:
-                        same[(r["id"], symbol, side)] = Decimal(open_qty)
-                    held[r["id"]] = [[symbol, qty] for symbol, qty in r["held"] or []]
-                if screening is not None:
-                    _screened(batch, await screening)
-                # Short positions count at market value: their prices, read once for the batch.
-                shorts = sorted({h[0] for rows_ in held.values() for h in rows_ if h[1].startswith("-")})
-                prices = await self.prices(shorts) if shorts else {}
-                coids: set[tuple[UUID, str]] = set()
-                for item in batch:
-                    if not item.approved:
-                        continue
-                    key = (item.account_id, item.values["client_order_id"])
-                    if key in coids:  # the same client_order_id twice in one batch: the first wins
-                        repeats.append(item)
-                        continue
-                    if item.account_id not in cash:
-                        self._refuse(item, NoAccount())
-                        continue
-                    side_key = (item.account_id, item.symbol, item.side)
-                    try:
-                        needed = await self.check(
-                            item.account,
-                            item.spec,
-                            item.values["reserve_price"],
-                            cash[item.account_id],
-                            reserved.get(item.account_id, ZERO),
-                            same.get(side_key, ZERO),
-                            [
-                                h
-                                for h in held.get(item.account_id, [])
-                                if h[0] == item.symbol or h[1][0] == "-"
-                            ],
-                            prices,
+            # One pipeline, two round trips: BEGIN + the account locks + the read, the checks here,
+            # then the INSERT + COMMIT. BEGIN and COMMIT are statements of the pipeline (the pool's
+            # connections are in autocommit): psycopg's own transaction() would add a Sync after
+            # BEGIN and after COMMIT, i.e. five round trips instead of two.
+            try:
+                async with conn.pipeline():
+                    await conn.execute(BEGIN, prepare=True)
+                    await conn.execute(LOCK_ACCOUNTS, params, prepare=True)
+                    c_state = await conn.execute(ACCOUNT_STATE, params, prepare=True)
+                    cash: dict[UUID, Decimal] = {}
+                    reserved: dict[UUID, Decimal] = {}
+                    same: dict[tuple[UUID, str, str], Decimal] = {}
+                    held: dict[UUID, list[list[str]]] = {}
+                    for r in await c_state.fetchall():
+                        cash[r["id"]] = r["cash"]
+                        reserved[r["id"]] = r["reserved"]
+                        for symbol, side, open_qty in r["same_side"] or []:
+                            same[(r["id"], symbol, side)] = Decimal(open_qty)
+                        held[r["id"]] = [[symbol, qty] for symbol, qty in r["held"] or []]
+                    if screening is not None:
+                        _screened(batch, await screening)
+                    # Short positions count at market value: their prices, read once for the batch.
+                    shorts = sorted({h[0] for rows_ in held.values() for h in rows_ if h[1].startswith("-")})
+                    prices = await self.prices(shorts) if shorts else {}
+                    coids: set[tuple[UUID, str]] = set()
+                    for item in batch:
+                        if not item.approved:
+                            continue
+                        key = (item.account_id, item.values["client_order_id"])
+                        if key in coids:  # the same client_order_id twice in one batch: the first wins
+                            repeats.append(item)
+                            continue
+                        if item.account_id not in cash:
+                            self._refuse(item, NoAccount())
+                            continue
+                        side_key = (item.account_id, item.symbol, item.side)
+                        try:
+                            needed = await self.check(
+                                item.account,
+                                item.spec,
+                                item.values["reserve_price"],
+                                cash[item.account_id],
+                                reserved.get(item.account_id, ZERO),
+                                same.get(side_key, ZERO),
+                                [
+                                    h
+                                    for h in held.get(item.account_id, [])
+                                    if h[0] == item.symbol or h[1][0] == "-"
+                                ],
+                                prices,
+                            )
+                        except Exception as exc:
+                            self._refuse(item, exc)
+                            continue
+                        coids.add(key)
+                        item.values["reserved"] = needed
+                        reserved[item.account_id] = reserved.get(item.account_id, ZERO) + needed
+                        if item.qty is not None:
+                            same[side_key] = same.get(side_key, ZERO) + item.qty
+                        rows.append(item)
+                    if rows:
+                        values = [{c: b.values[c] for c in _COLUMNS} for b in rows]
+                        cur = await conn.execute(
+                            INSERT_ORDERS, {"rows": codec.encode(values).decode()}, prepare=True
                         )
-                    except Exception as exc:
-                        self._refuse(item, exc)
-                        continue
-                    coids.add(key)
-                    item.values["reserved"] = needed
-                    reserved[item.account_id] = reserved.get(item.account_id, ZERO) + needed
-                    if item.qty is not None:
-                        same[side_key] = same.get(side_key, ZERO) + item.qty
-                    rows.append(item)
-                if rows:
-                    values = [{c: b.values[c] for c in _COLUMNS} for b in rows]
-                    cur = await conn.execute(
-                        INSERT_ORDERS, {"rows": codec.encode(values).decode()}, prepare=True
-                    )
+                    await conn.execute(COMMIT, prepare=True)
+            except BaseException:
+                await _rollback(conn)
+                raise
             inserted = {r["id"] for r in await cur.fetchall()} if cur is not None else set()
         booked: list[tuple[NewOrder[Any, Any], Mapping[str, Any]]] = []
         for item in rows:
@@ -426,6 +438,14 @@ def _settle(
         item.done.set_result(row)
 
 
+async def _rollback(conn: AsyncConnection[dict[str, Any]]) -> None:
+    """End a transaction a failure left open or aborted (its advisory locks with it) before the
+    connection goes back to the pool; a broken connection is the pool's to discard."""
+    if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        with contextlib.suppress(psycopg.Error):
+            await conn.execute("ROLLBACK")
+
+
 def account_lock_key(account_id: UUID) -> int:
     """The second key of an account's advisory lock (`LOCK_NAMESPACE` is the first): 32 bits of its id."""
     return (account_id.int & 0xFFFFFFFF) - (1 << 31)
@@ -446,7 +466,7 @@ def new_pool(database_url: str, size: int) -> AsyncConnectionPool[AsyncConnectio
         connection_class=AsyncConnection[dict[str, Any]],
         kwargs={
             "row_factory": dict_row,
-            "autocommit": False,
+            "autocommit": True,  # the group commit sends BEGIN / COMMIT in its pipeline
             "prepare_threshold": 0,
             "options": "-c plan_cache_mode=force_generic_plan",
         },
