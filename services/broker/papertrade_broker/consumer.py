@@ -57,7 +57,7 @@ from papertrade.money import ZERO
 from papertrade.service.logs import configure_logging
 from papertrade.stack.procs import die_with_parent
 from papertrade.timeutil import utcnow
-from papertrade_broker.hotpath import libpq_url
+from papertrade_broker.hotpath import libpq_url, pipelined_transaction
 from papertrade_broker.settings import BrokerSettings
 from papertrade_broker.views import OrderViews
 
@@ -359,9 +359,9 @@ class LedgerConsumer:
         fills = [r for r in reports if r.exec is ExecType.FILL and r.exec_id]
         fill_orders = {r.order_id for r in fills}
         conn = await self._connection()
-        # One pipeline around the transaction: the locking reads go out together (round trip 1), the
-        # write statement and the COMMIT together (round trip 2).
-        async with conn.pipeline(), conn.transaction():
+        # The locking reads go out with the BEGIN (round trip 1), the write statement with the COMMIT
+        # (round trip 2).
+        async with pipelined_transaction(conn):
             c_orders = await conn.execute(
                 LOCK_ORDERS, {"ids": _uuids(ids), "rr": _uuids(refused_replaces)}, prepare=True
             )
@@ -429,7 +429,7 @@ class LedgerConsumer:
             self._db = await psycopg.AsyncConnection.connect(
                 libpq_url(self.settings.database_url),
                 row_factory=dict_row,
-                autocommit=False,
+                autocommit=True,  # batches send BEGIN / COMMIT in their pipeline (pipelined_transaction)
                 prepare_threshold=0,
                 options="-c plan_cache_mode=force_generic_plan",
             )

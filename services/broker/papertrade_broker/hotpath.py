@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -289,75 +289,67 @@ class GroupCommit:
         repeats: list[NewOrder[Any, Any]] = []
         cur = None
         async with self.pool.connection() as conn:
-            # One pipeline, two round trips: BEGIN + the account locks + the read, the checks here,
-            # then the INSERT + COMMIT. BEGIN and COMMIT are statements of the pipeline (the pool's
-            # connections are in autocommit): psycopg's own transaction() would add a Sync after
-            # BEGIN and after COMMIT, i.e. five round trips instead of two.
-            try:
-                async with conn.pipeline():
-                    await conn.execute(BEGIN, prepare=True)
-                    await conn.execute(LOCK_ACCOUNTS, params, prepare=True)
-                    c_state = await conn.execute(ACCOUNT_STATE, params, prepare=True)
-                    cash: dict[UUID, Decimal] = {}
-                    reserved: dict[UUID, Decimal] = {}
-                    same: dict[tuple[UUID, str, str], Decimal] = {}
-                    held: dict[UUID, list[list[str]]] = {}
-                    for r in await c_state.fetchall():
-                        cash[r["id"]] = r["cash"]
-                        reserved[r["id"]] = r["reserved"]
-                        for symbol, side, open_qty in r["same_side"] or []:
-                            same[(r["id"], symbol, side)] = Decimal(open_qty)
-                        held[r["id"]] = [[symbol, qty] for symbol, qty in r["held"] or []]
-                    if screening is not None:
-                        _screened(batch, await screening)
-                    # Short positions count at market value: their prices, read once for the batch.
-                    shorts = sorted({h[0] for rows_ in held.values() for h in rows_ if h[1].startswith("-")})
-                    prices = await self.prices(shorts) if shorts else {}
-                    coids: set[tuple[UUID, str]] = set()
-                    for item in batch:
-                        if not item.approved:
-                            continue
-                        key = (item.account_id, item.values["client_order_id"])
-                        if key in coids:  # the same client_order_id twice in one batch: the first wins
-                            repeats.append(item)
-                            continue
-                        if item.account_id not in cash:
-                            self._refuse(item, NoAccount())
-                            continue
-                        side_key = (item.account_id, item.symbol, item.side)
-                        try:
-                            needed = await self.check(
-                                item.account,
-                                item.spec,
-                                item.values["reserve_price"],
-                                cash[item.account_id],
-                                reserved.get(item.account_id, ZERO),
-                                same.get(side_key, ZERO),
-                                [
-                                    h
-                                    for h in held.get(item.account_id, [])
-                                    if h[0] == item.symbol or h[1][0] == "-"
-                                ],
-                                prices,
-                            )
-                        except Exception as exc:
-                            self._refuse(item, exc)
-                            continue
-                        coids.add(key)
-                        item.values["reserved"] = needed
-                        reserved[item.account_id] = reserved.get(item.account_id, ZERO) + needed
-                        if item.qty is not None:
-                            same[side_key] = same.get(side_key, ZERO) + item.qty
-                        rows.append(item)
-                    if rows:
-                        values = [{c: b.values[c] for c in _COLUMNS} for b in rows]
-                        cur = await conn.execute(
-                            INSERT_ORDERS, {"rows": codec.encode(values).decode()}, prepare=True
+            # Two round trips: BEGIN + the account locks + the read, the checks here, then the
+            # INSERT + COMMIT.
+            async with pipelined_transaction(conn):
+                await conn.execute(LOCK_ACCOUNTS, params, prepare=True)
+                c_state = await conn.execute(ACCOUNT_STATE, params, prepare=True)
+                cash: dict[UUID, Decimal] = {}
+                reserved: dict[UUID, Decimal] = {}
+                same: dict[tuple[UUID, str, str], Decimal] = {}
+                held: dict[UUID, list[list[str]]] = {}
+                for r in await c_state.fetchall():
+                    cash[r["id"]] = r["cash"]
+                    reserved[r["id"]] = r["reserved"]
+                    for symbol, side, open_qty in r["same_side"] or []:
+                        same[(r["id"], symbol, side)] = Decimal(open_qty)
+                    held[r["id"]] = [[symbol, qty] for symbol, qty in r["held"] or []]
+                if screening is not None:
+                    _screened(batch, await screening)
+                # Short positions count at market value: their prices, read once for the batch.
+                shorts = sorted({h[0] for rows_ in held.values() for h in rows_ if h[1].startswith("-")})
+                prices = await self.prices(shorts) if shorts else {}
+                coids: set[tuple[UUID, str]] = set()
+                for item in batch:
+                    if not item.approved:
+                        continue
+                    key = (item.account_id, item.values["client_order_id"])
+                    if key in coids:  # the same client_order_id twice in one batch: the first wins
+                        repeats.append(item)
+                        continue
+                    if item.account_id not in cash:
+                        self._refuse(item, NoAccount())
+                        continue
+                    side_key = (item.account_id, item.symbol, item.side)
+                    try:
+                        needed = await self.check(
+                            item.account,
+                            item.spec,
+                            item.values["reserve_price"],
+                            cash[item.account_id],
+                            reserved.get(item.account_id, ZERO),
+                            same.get(side_key, ZERO),
+                            [
+                                h
+                                for h in held.get(item.account_id, [])
+                                if h[0] == item.symbol or h[1][0] == "-"
+                            ],
+                            prices,
                         )
-                    await conn.execute(COMMIT, prepare=True)
-            except BaseException:
-                await _rollback(conn)
-                raise
+                    except Exception as exc:
+                        self._refuse(item, exc)
+                        continue
+                    coids.add(key)
+                    item.values["reserved"] = needed
+                    reserved[item.account_id] = reserved.get(item.account_id, ZERO) + needed
+                    if item.qty is not None:
+                        same[side_key] = same.get(side_key, ZERO) + item.qty
+                    rows.append(item)
+                if rows:
+                    values = [{c: b.values[c] for c in _COLUMNS} for b in rows]
+                    cur = await conn.execute(
+                        INSERT_ORDERS, {"rows": codec.encode(values).decode()}, prepare=True
+                    )
             inserted = {r["id"] for r in await cur.fetchall()} if cur is not None else set()
         booked: list[tuple[NewOrder[Any, Any], Mapping[str, Any]]] = []
         for item in rows:
@@ -438,12 +430,20 @@ def _settle(
         item.done.set_result(row)
 
 
-async def _rollback(conn: AsyncConnection[dict[str, Any]]) -> None:
-    """End a transaction a failure left open or aborted (its advisory locks with it) before the
-    connection goes back to the pool; a broken connection is the pool's to discard."""
-    if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
-        with contextlib.suppress(psycopg.Error):
-            await conn.execute("ROLLBACK")
+@contextlib.asynccontextmanager
+async def pipelined_transaction(conn: AsyncConnection[Any]) -> AsyncIterator[None]:
+    """A transaction whose BEGIN and COMMIT are statements of one pipeline, on an autocommit
+    connection: the block's statements go out with the BEGIN and the COMMIT with its last writes.
+    psycopg's own `transaction()` in a pipeline syncs after BEGIN, after COMMIT and at the end
+    (five round trips for what is two). A block that raises is rolled back before it propagates."""
+    try:
+        async with conn.pipeline():
+            await conn.execute(BEGIN, prepare=True)
+            yield
+            await conn.execute(COMMIT, prepare=True)
+    except BaseException:
+        await _rollback(conn)
+        raise
 
 
 def account_lock_key(account_id: UUID) -> int:
@@ -472,3 +472,11 @@ def new_pool(database_url: str, size: int) -> AsyncConnectionPool[AsyncConnectio
         },
         name="broker-hotpath",
     )
+
+
+async def _rollback(conn: AsyncConnection[Any]) -> None:
+    """End a transaction a failure left open or aborted (its locks with it), so the connection can
+    be used again; a broken connection is left to its owner (the pool, the ledger) to replace."""
+    if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        with contextlib.suppress(psycopg.Error):
+            await conn.execute("ROLLBACK")
