@@ -57,7 +57,9 @@ from papertrade.money import ZERO
 from papertrade.service.logs import configure_logging
 from papertrade.stack.procs import die_with_parent
 from papertrade.timeutil import utcnow
-from papertrade_broker.hotpath import libpq_url, pipelined_transaction
+from papertrade_broker import prepared
+from papertrade_broker.hotpath import libpq_url
+from papertrade_broker.prepared import Statement
 from papertrade_broker.settings import BrokerSettings
 from papertrade_broker.views import OrderViews
 
@@ -78,51 +80,71 @@ INSERT_DEAD_LETTER = (
 #: How often the ledger process sends its metrics to the broker process (seconds).
 METRICS_EVERY = 1.0
 
-# Arrays go in as text literals (`_uuids`, `_texts`): psycopg dumps a list element by element in
-# Python. Every statement is written so that its generic plan finds rows by index (`= ANY(array)`).
+# Statements prepared when the ledger's connection opens and run several to a round trip
+# (`papertrade_broker.prepared`). Every one is written so that its generic plan finds rows by index
+# (`= ANY(array)`).
 #: The batch's orders (and, for refused replaces, their replacements), locked in id order.
-LOCK_ORDERS = """
+LOCK_ORDERS = Statement(
+    "pt_ledger_lock_orders",
+    ("uuid[]", "uuid[]"),
+    """
 SELECT * FROM orders
-WHERE id = ANY(ARRAY(SELECT unnest(%(ids)s::uuid[])
-                     UNION SELECT replaced_by FROM orders WHERE id = ANY(%(rr)s::uuid[])))
+WHERE id = ANY(ARRAY(SELECT unnest($1) UNION SELECT replaced_by FROM orders WHERE id = ANY($2)))
 ORDER BY id FOR UPDATE
-"""
+""",
+)
 #: Executions already booked among the batch's (each pair looked up in the primary key).
-SEEN_EXECS = """
-SELECT e.exec_id, e.order_id FROM unnest(%(e)s::text[], %(o)s::uuid[]) AS k(exec_id, order_id)
+SEEN_EXECS = Statement(
+    "pt_ledger_seen_execs",
+    ("text[]", "uuid[]"),
+    """
+SELECT e.exec_id, e.order_id FROM unnest($1, $2) AS k(exec_id, order_id)
 JOIN executions e ON e.exec_id = k.exec_id AND e.order_id = k.order_id
-"""
+""",
+)
 #: The positions the batch's fills move: keyed by the filled orders' own account and symbol.
-LOCK_POSITIONS = """
+LOCK_POSITIONS = Statement(
+    "pt_ledger_lock_positions",
+    ("uuid[]",),
+    """
 SELECT account_id, symbol, qty, cost, realized_pl FROM positions
-WHERE (account_id, symbol) IN (SELECT account_id, symbol FROM orders WHERE id = ANY(%(ids)s::uuid[]))
+WHERE (account_id, symbol) IN (SELECT account_id, symbol FROM orders WHERE id = ANY($1))
 ORDER BY account_id, symbol FOR UPDATE
-"""
+""",
+)
 #: Commission models of the filled orders' accounts that are not cached yet.
-COMMISSIONS = """
+COMMISSIONS = Statement(
+    "pt_ledger_commissions",
+    ("uuid[]", "uuid[]"),
+    """
 SELECT id, commission FROM accounts
-WHERE id = ANY(ARRAY(SELECT account_id FROM orders WHERE id = ANY(%(ids)s::uuid[])))
-  AND NOT (id = ANY(%(known)s::uuid[]))
-"""
-ACCOUNT_COMMISSIONS = "SELECT id, commission FROM accounts WHERE id = ANY(%(ids)s::uuid[])"
+WHERE id = ANY(ARRAY(SELECT account_id FROM orders WHERE id = ANY($1))) AND NOT (id = ANY($2))
+""",
+)
+ACCOUNT_COMMISSIONS = Statement(
+    "pt_ledger_account_commissions", ("uuid[]",), "SELECT id, commission FROM accounts WHERE id = ANY($1)"
+)
 #: Everything a batch writes, in one statement: each part reads its rows from a JSON array (decimals
 #: as strings: exact). The last SELECT fails the statement (and so the transaction) unless every
 #: execution was new, and every order was found: a batch never moves cash for a fill booked twice.
-WRITE = """
+WRITE = Statement(
+    "pt_ledger_write",
+    ("json", "json", "json", "json", "timestamptz", "int", "int", "uuid[]", "uuid[]"),
+    """
 WITH x_exec AS (
   INSERT INTO executions (exec_id, order_id, account_id, symbol, side, qty, price, fee, liquidity,
                           cum_qty, leaves_qty, t, recorded_at)
   SELECT exec_id, order_id, account_id, symbol, side, qty, price, fee, liquidity, cum_qty, leaves_qty,
          t, recorded_at
-  FROM json_to_recordset(%(execs)s::json) AS x(exec_id text, order_id uuid, account_id uuid,
+  FROM json_to_recordset($1) AS x(exec_id text, order_id uuid, account_id uuid,
        symbol text, side text, qty numeric, price numeric, fee numeric, liquidity text, cum_qty numeric,
        leaves_qty numeric, t timestamptz, recorded_at timestamptz)
   ON CONFLICT DO NOTHING
   RETURNING 1
 ), x_pos AS (
   INSERT INTO positions (account_id, symbol, qty, cost, realized_pl, updated_at)
-  SELECT account_id, symbol, qty, cost, realized_pl, %(now)s
-  FROM json_to_recordset(%(positions)s::json) AS x(account_id uuid, symbol text, qty numeric,
+  SELECT account_id, symbol, qty, cost, realized_pl, $5
+  FROM json_to_recordset($2) AS x(account_id uuid, symbol text, qty numeric,
        cost numeric, realized_pl numeric)
   ON CONFLICT (account_id, symbol) DO UPDATE SET qty = EXCLUDED.qty, cost = EXCLUDED.cost,
     realized_pl = EXCLUDED.realized_pl, updated_at = EXCLUDED.updated_at
@@ -132,27 +154,28 @@ WITH x_exec AS (
     fees = x.fees, reserved = x.reserved, updated_at = x.updated_at, filled_at = x.filled_at,
     canceled_at = x.canceled_at, expired_at = x.expired_at, failed_at = x.failed_at,
     replaced_at = x.replaced_at, replaced_by = x.replaced_by, reason = x.reason
-  FROM json_to_recordset(%(orders)s::json) AS x(id uuid, status text, filled_qty numeric,
+  FROM json_to_recordset($3) AS x(id uuid, status text, filled_qty numeric,
        filled_notional numeric, fees numeric, reserved numeric, updated_at timestamptz,
        filled_at timestamptz, canceled_at timestamptz, expired_at timestamptz, failed_at timestamptz,
        replaced_at timestamptz, replaced_by uuid, reason text)
-  WHERE o.id = x.id AND o.id = ANY(%(order_ids)s::uuid[])
+  WHERE o.id = x.id AND o.id = ANY($8)
   RETURNING 1
 ), x_acct AS (
   UPDATE accounts a SET cash = a.cash + x.cash, fees = a.fees + x.fees,
     realized_pl = a.realized_pl + x.realized
-  FROM json_to_recordset(%(accounts)s::json) AS x(id uuid, cash numeric, fees numeric, realized numeric)
-  WHERE a.id = x.id AND a.id = ANY(%(account_ids)s::uuid[])
+  FROM json_to_recordset($4) AS x(id uuid, cash numeric, fees numeric, realized numeric)
+  WHERE a.id = x.id AND a.id = ANY($9)
   RETURNING 1
 )
 SELECT CASE
-  WHEN (SELECT count(*) FROM x_exec) = %(n_execs)s::int AND (SELECT count(*) FROM x_ord) = %(n_orders)s::int
+  WHEN (SELECT count(*) FROM x_exec) = $6 AND (SELECT count(*) FROM x_ord) = $7
        AND (SELECT count(*) FROM x_pos) >= 0 AND (SELECT count(*) FROM x_acct) >= 0
   THEN 0
   ELSE ('ledger batch refused: ' || (SELECT count(*) FROM x_exec) || ' new executions of '
-        || %(n_execs)s::int || ', ' || (SELECT count(*) FROM x_ord) || ' orders of ' || %(n_orders)s::int)::int
+        || $6 || ', ' || (SELECT count(*) FROM x_ord) || ' orders of ' || $7)::int
 END
-"""
+""",
+)
 #: What a report changes on an order (the whole state the batch computed, by id).
 _ORDER_COLUMNS = (
     "status",
@@ -169,7 +192,13 @@ _ORDER_COLUMNS = (
     "replaced_by",
     "reason",
 )
-UNREPLACE = "UPDATE orders SET replaced_by = NULL WHERE id = ANY(%(ids)s::uuid[]) AND status <> 'replaced'"
+UNREPLACE = Statement(
+    "pt_ledger_unreplace",
+    ("uuid[]",),
+    "UPDATE orders SET replaced_by = NULL WHERE id = ANY($1) AND status <> 'replaced'",
+)
+#: Every statement the ledger's connection prepares.
+STATEMENTS = (LOCK_ORDERS, SEEN_EXECS, LOCK_POSITIONS, COMMISSIONS, ACCOUNT_COMMISSIONS, WRITE, UNREPLACE)
 
 REPORTS = Counter("papertrade_broker_exec_reports_total", "Execution reports consumed", ["exec", "outcome"])
 BATCH_SECONDS = Histogram(
@@ -361,40 +390,37 @@ class LedgerConsumer:
         conn = await self._connection()
         # The locking reads go out with the BEGIN (round trip 1), the write statement with the COMMIT
         # (round trip 2).
-        async with pipelined_transaction(conn):
-            c_orders = await conn.execute(
-                LOCK_ORDERS, {"ids": _uuids(ids), "rr": _uuids(refused_replaces)}, prepare=True
-            )
-            c_seen = c_held = c_models = None
+        async with prepared.transaction(conn):
+            reads = [
+                prepared.BEGIN,
+                LOCK_ORDERS(prepared.uuids(ids), prepared.uuids(refused_replaces)),
+            ]
+            models = False
             if fills:
-                filled = _uuids(fill_orders)
-                keys = {(f.exec_id or "", f.order_id) for f in fills}
-                c_seen = await conn.execute(
-                    SEEN_EXECS,
-                    {"e": _texts(k[0] for k in keys), "o": _uuids(k[1] for k in keys)},
-                    prepare=True,
+                filled = prepared.uuids(fill_orders)
+                keys = list({(f.exec_id or "", f.order_id) for f in fills})
+                reads.append(
+                    SEEN_EXECS(prepared.texts(conn, (k[0] for k in keys)), prepared.uuids(k[1] for k in keys))
                 )
-                c_held = await conn.execute(LOCK_POSITIONS, {"ids": filled}, prepare=True)
-                if {f.account_id for f in fills} - set(self._commissions):
-                    c_models = await conn.execute(
-                        COMMISSIONS, {"ids": filled, "known": _uuids(self._commissions)}, prepare=True
-                    )
-            batch.orders = {r["id"]: r for r in await c_orders.fetchall()}
-            if c_seen is not None:
-                batch.seen_execs = {(r["exec_id"], r["order_id"]) for r in await c_seen.fetchall()}
-            if c_held is not None:
-                for r in await c_held.fetchall():
+                reads.append(LOCK_POSITIONS(filled))
+                models = bool({f.account_id for f in fills} - set(self._commissions))
+                if models:
+                    reads.append(COMMISSIONS(filled, prepared.uuids(self._commissions)))
+            results = await prepared.run(conn, *reads)
+            batch.orders = {r["id"]: r for r in results[1]}
+            if fills:
+                batch.seen_execs = {(r["exec_id"], r["order_id"]) for r in results[2]}
+                for r in results[3]:
                     batch.positions[(r["account_id"], r["symbol"])] = PositionState(
                         r["qty"], r["cost"], r["realized_pl"]
                     )
-            if c_models is not None:
-                for r in await c_models.fetchall():
+                for r in results[4] if models else []:
                     self._commissions[r["id"]] = CommissionModel.parse(r["commission"])
             unknown = {batch.orders[f.order_id]["account_id"] for f in fills if f.order_id in batch.orders}
             unknown -= set(self._commissions)
             if unknown:  # a report that named another account than its order's (a third round trip)
-                c_more = await conn.execute(ACCOUNT_COMMISSIONS, {"ids": _uuids(unknown)}, prepare=True)
-                for r in await c_more.fetchall():
+                (more,) = await prepared.run(conn, ACCOUNT_COMMISSIONS(prepared.uuids(unknown)))
+                for r in more:
                     self._commissions[r["id"]] = CommissionModel.parse(r["commission"])
             for report in reports:
                 order = batch.orders.get(report.order_id)
@@ -402,7 +428,7 @@ class LedgerConsumer:
                     _counter(report.exec.value, "skipped").inc()
                     continue
                 self._apply_one(batch, report, order)
-            await self._write(conn, batch)
+            await prepared.run(conn, *self._writes(conn, batch), prepared.COMMIT)
         BATCH_SECONDS.observe(time.perf_counter() - start)
         self.applied += len(reports)
         return batch
@@ -429,10 +455,11 @@ class LedgerConsumer:
             self._db = await psycopg.AsyncConnection.connect(
                 libpq_url(self.settings.database_url),
                 row_factory=dict_row,
-                autocommit=True,  # batches send BEGIN / COMMIT in their pipeline (pipelined_transaction)
-                prepare_threshold=0,
+                autocommit=True,  # batches send BEGIN / COMMIT with their statements
+                prepare_threshold=None,  # psycopg would DEALLOCATE ALL after a ROLLBACK (`prepared`)
                 options="-c plan_cache_mode=force_generic_plan",
             )
+            await prepared.prepare(self._db, STATEMENTS)
         return self._db
 
     def _apply_one(self, batch: _Batch, report: ExecReport, order: dict[str, Any]) -> None:
@@ -640,10 +667,10 @@ class LedgerConsumer:
         if old is not None and old["replaced_by"] == order["id"]:
             old["replaced_by"] = None
 
-    async def _write(self, conn: psycopg.AsyncConnection[dict[str, Any]], batch: _Batch) -> None:
-        """Every row the batch changed in one statement (sent in the pipeline, the COMMIT behind it)."""
+    def _writes(self, conn: psycopg.AsyncConnection[dict[str, Any]], batch: _Batch) -> list[bytes]:
+        """The statements that write every row the batch changed (sent with the COMMIT behind them)."""
         if not (batch.new_execs or batch.dirty_orders or batch.dirty_positions or batch.unreplace):
-            return
+            return []
         positions = [
             {"account_id": k[0], "symbol": k[1], "qty": p.qty, "cost": p.cost, "realized_pl": p.realized_pl}
             for k in sorted(batch.dirty_positions)
@@ -664,23 +691,22 @@ class LedgerConsumer:
             }
             for a in account_ids
         ]
-        await conn.execute(
-            WRITE,
-            {
-                "execs": codec.encode(batch.new_execs).decode(),
-                "positions": codec.encode(positions).decode(),
-                "orders": codec.encode(orders).decode(),
-                "accounts": codec.encode(accounts).decode(),
-                "now": batch.now,
-                "n_execs": len(batch.new_execs),
-                "n_orders": len(orders),
-                "order_ids": _uuids(batch.dirty_orders),
-                "account_ids": _uuids(account_ids),
-            },
-            prepare=True,
-        )
+        writes = [
+            WRITE(
+                prepared.text(conn, codec.encode(batch.new_execs)),
+                prepared.text(conn, codec.encode(positions)),
+                prepared.text(conn, codec.encode(orders)),
+                prepared.text(conn, codec.encode(accounts)),
+                prepared.text(conn, batch.now.isoformat()),
+                prepared.integer(len(batch.new_execs)),
+                prepared.integer(len(orders)),
+                prepared.uuids(batch.dirty_orders),
+                prepared.uuids(account_ids),
+            )
+        ]
         if batch.unreplace:
-            await conn.execute(UNREPLACE, {"ids": _uuids(batch.unreplace)}, prepare=True)
+            writes.append(UNREPLACE(prepared.uuids(batch.unreplace)))
+        return writes
 
 
 class LedgerProcess:
@@ -855,16 +881,6 @@ def _deliveries(msg: Msg) -> int:
         return 1
 
 
-def _uuids(ids: Iterable[UUID]) -> str:
-    """A `uuid[]` literal (msgspec writes the quoted UUIDs, which an array literal takes as they are)."""
-    return "{" + codec.encode(list(ids))[1:-1].decode() + "}"
-
-
 @lru_cache(maxsize=65_536)
 def _event_subject(account_id: UUID) -> str:
     return subjects.broker_event(account_id)
-
-
-def _texts(values: Iterable[str]) -> str:
-    """A `text[]` literal: every element quoted, backslashes and quotes escaped."""
-    return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"

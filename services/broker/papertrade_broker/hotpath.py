@@ -3,20 +3,21 @@
 SQLAlchemy (Core, async) stays the schema's and Alembic's, and serves the rarer routes. New orders
 are written by `GroupCommit`: the submits that arrive while a batch is in flight wait for the next
 one. One batch is one risk.check request (the array form, `papertrade.messages`) sent beside round
-trip 1 of one transaction (pipeline mode: BEGIN, take the accounts' advisory locks, read what open
-orders hold and the positions that matter in one statement); then round trip 2 (the INSERTs and
+trip 1 of one transaction (one query: BEGIN, take the accounts' advisory locks, read what open
+orders hold and the positions that matter in one statement); then round trip 2 (the INSERT and
 COMMIT), then the book commands. Each submit is answered after the commit that holds its order and
 after its command is on the wire.
 
-The pool's connections plan the prepared statements once (`plan_cache_mode = force_generic_plan`):
-with array parameters Postgres otherwise keeps choosing a custom plan, i.e. re-plans on every call.
+The pool's connections prepare the statements when they open (`papertrade_broker.prepared`: SQL-level
+PREPARE, run by name in simple-protocol queries) and plan them once (`plan_cache_mode =
+force_generic_plan`): with array parameters Postgres otherwise keeps choosing a custom plan, i.e.
+re-plans on every call.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -26,7 +27,6 @@ from uuid import UUID
 import psycopg
 import structlog
 from psycopg import AsyncConnection
-from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.engine import make_url
@@ -34,6 +34,8 @@ from sqlalchemy.engine import make_url
 from papertrade import codec
 from papertrade.enums import OrderStatus
 from papertrade.money import ZERO
+from papertrade_broker import prepared
+from papertrade_broker.prepared import Statement
 
 OPEN_STATUSES = [s.value for s in OrderStatus if s.is_open]
 #: The open statuses inlined (not a parameter), so that the partial index `ix_orders_open` serves.
@@ -61,13 +63,14 @@ _COLUMNS = (
     "updated_at",
     "submitted_at",
 )
-#: A batch's new orders in one statement: one JSON array parameter (`%(rows)s`, objects keyed by
-#: `_COLUMNS`), typed by the `orders` table itself; psycopg's executemany would bind ~20 parameters
-#: per row in Python. A taken client_order_id answers no row instead of failing the transaction.
-INSERT_ORDERS = (
+#: A batch's new orders in one statement: one JSON array (objects keyed by `_COLUMNS`), typed by the
+#: `orders` table itself. A taken client_order_id answers no row instead of failing the transaction.
+INSERT_ORDERS = Statement(
+    "pt_insert_orders",
+    ("json",),
     f"INSERT INTO orders ({', '.join(_COLUMNS)}) "
-    f"SELECT {', '.join(_COLUMNS)} FROM json_populate_recordset(NULL::orders, %(rows)s::json) "
-    "ON CONFLICT DO NOTHING RETURNING id"
+    f"SELECT {', '.join(_COLUMNS)} FROM json_populate_recordset(NULL::orders, $1) "
+    "ON CONFLICT DO NOTHING RETURNING id",
 )
 #: What a new order's row holds beside the values it is inserted with: nothing filled, no fees, no
 #: later event (the row is answered from these, not read back: one conversion of ~30 columns less).
@@ -90,29 +93,35 @@ NEW_ORDER_STATE: dict[str, Any] = {
 #: of that row then never wait for a submit batch, nor a batch for a ledger commit. Keys are taken in
 #: ascending order (no deadlock between batches or broker processes).
 LOCK_NAMESPACE = 0x42524B52  # "BRKR": the broker's advisory lock space (the two-key form)
-LOCK_ACCOUNTS = (
+LOCK_ACCOUNTS = Statement(
+    "pt_lock_accounts",
+    ("int[]",),
     f"SELECT count(pg_advisory_xact_lock({LOCK_NAMESPACE}, k)) "
-    "FROM (SELECT k FROM unnest(%(k)s::int[]) AS k ORDER BY k) AS s"
+    "FROM (SELECT k FROM unnest($1) AS k ORDER BY k) AS s",
 )
 #: What the batch's accounts hold, in ONE statement (one snapshot, taken after the locks: the ledger
 #: commits cash, positions and order holdings together, so any snapshot is consistent): cash, what
 #: open orders reserve, the open quantity per symbol and side of the batch's symbols, and the
 #: positions that matter (the batch's symbols, and every short).
-ACCOUNT_STATE = f"""
+ACCOUNT_STATE = Statement(
+    "pt_account_state",
+    ("uuid[]", "text[]"),
+    f"""
 SELECT a.id, a.cash,
   (SELECT coalesce(sum(o.reserved), 0) FROM orders o
     WHERE o.account_id = a.id AND o.status IN {_OPEN_SQL}) AS reserved,
   (SELECT json_agg(json_build_array(q.symbol, q.side, q.open_qty::text)) FROM (
     SELECT o.symbol, o.side, sum(o.qty - o.filled_qty) AS open_qty FROM orders o
-    WHERE o.account_id = a.id AND o.status IN {_OPEN_SQL} AND o.symbol = ANY(%(s)s)
+    WHERE o.account_id = a.id AND o.status IN {_OPEN_SQL} AND o.symbol = ANY($2)
       AND o.qty IS NOT NULL
     GROUP BY o.symbol, o.side) q) AS same_side,
   (SELECT json_agg(json_build_array(p.symbol, p.qty::text)) FROM positions p
-    WHERE p.account_id = a.id AND (p.symbol = ANY(%(s)s) OR p.qty < 0)) AS held
-FROM accounts a WHERE a.id = ANY(%(a)s)
-"""
-BEGIN = "BEGIN"
-COMMIT = "COMMIT"
+    WHERE p.account_id = a.id AND (p.symbol = ANY($2) OR p.qty < 0)) AS held
+FROM accounts a WHERE a.id = ANY($1)
+""",
+)
+#: Every statement the pool's connections prepare (`new_pool`).
+STATEMENTS = (LOCK_ACCOUNTS, ACCOUNT_STATE, INSERT_ORDERS)
 #: The most new orders one transaction books.
 MAX_BATCH = 256
 
@@ -283,74 +292,75 @@ class GroupCommit:
         COMMIT). Refusals are settled here; the booked orders are returned with their rows."""
         ids = sorted({b.account_id for b in batch})
         keys = sorted({account_lock_key(a) for a in ids})
-        params = {"k": keys, "a": ids, "s": sorted({b.symbol for b in batch})}
+        symbols = sorted({b.symbol for b in batch})
         rows: list[NewOrder[Any, Any]] = []
         #: a client_order_id taken earlier in this batch: answered once the first one is committed
         repeats: list[NewOrder[Any, Any]] = []
-        cur = None
-        async with self.pool.connection() as conn:
+        inserted: set[UUID] = set()
+        async with self.pool.connection() as conn, prepared.transaction(conn):
             # Two round trips: BEGIN + the account locks + the read, the checks here, then the
             # INSERT + COMMIT.
-            async with pipelined_transaction(conn):
-                await conn.execute(LOCK_ACCOUNTS, params, prepare=True)
-                c_state = await conn.execute(ACCOUNT_STATE, params, prepare=True)
-                cash: dict[UUID, Decimal] = {}
-                reserved: dict[UUID, Decimal] = {}
-                same: dict[tuple[UUID, str, str], Decimal] = {}
-                held: dict[UUID, list[list[str]]] = {}
-                for r in await c_state.fetchall():
-                    cash[r["id"]] = r["cash"]
-                    reserved[r["id"]] = r["reserved"]
-                    for symbol, side, open_qty in r["same_side"] or []:
-                        same[(r["id"], symbol, side)] = Decimal(open_qty)
-                    held[r["id"]] = [[symbol, qty] for symbol, qty in r["held"] or []]
-                if screening is not None:
-                    _screened(batch, await screening)
-                # Short positions count at market value: their prices, read once for the batch.
-                shorts = sorted({h[0] for rows_ in held.values() for h in rows_ if h[1].startswith("-")})
-                prices = await self.prices(shorts) if shorts else {}
-                coids: set[tuple[UUID, str]] = set()
-                for item in batch:
-                    if not item.approved:
-                        continue
-                    key = (item.account_id, item.values["client_order_id"])
-                    if key in coids:  # the same client_order_id twice in one batch: the first wins
-                        repeats.append(item)
-                        continue
-                    if item.account_id not in cash:
-                        self._refuse(item, NoAccount())
-                        continue
-                    side_key = (item.account_id, item.symbol, item.side)
-                    try:
-                        needed = await self.check(
-                            item.account,
-                            item.spec,
-                            item.values["reserve_price"],
-                            cash[item.account_id],
-                            reserved.get(item.account_id, ZERO),
-                            same.get(side_key, ZERO),
-                            [
-                                h
-                                for h in held.get(item.account_id, [])
-                                if h[0] == item.symbol or h[1][0] == "-"
-                            ],
-                            prices,
-                        )
-                    except Exception as exc:
-                        self._refuse(item, exc)
-                        continue
-                    coids.add(key)
-                    item.values["reserved"] = needed
-                    reserved[item.account_id] = reserved.get(item.account_id, ZERO) + needed
-                    if item.qty is not None:
-                        same[side_key] = same.get(side_key, ZERO) + item.qty
-                    rows.append(item)
-                if rows:
-                    values = [{c: b.values[c] for c in _COLUMNS} for b in rows]
-                    cur = await conn.execute(
-                        INSERT_ORDERS, {"rows": codec.encode(values).decode()}, prepare=True
+            _, _, state = await prepared.run(
+                conn,
+                prepared.BEGIN,
+                LOCK_ACCOUNTS(prepared.ints(keys)),
+                ACCOUNT_STATE(prepared.uuids(ids), prepared.texts(conn, symbols)),
+            )
+            cash: dict[UUID, Decimal] = {}
+            reserved: dict[UUID, Decimal] = {}
+            same: dict[tuple[UUID, str, str], Decimal] = {}
+            held: dict[UUID, list[list[str]]] = {}
+            for r in state:
+                cash[r["id"]] = r["cash"]
+                reserved[r["id"]] = r["reserved"]
+                for symbol, side, open_qty in r["same_side"] or []:
+                    same[(r["id"], symbol, side)] = Decimal(open_qty)
+                held[r["id"]] = [[symbol, qty] for symbol, qty in r["held"] or []]
+            if screening is not None:
+                _screened(batch, await screening)
+            # Short positions count at market value: their prices, read once for the batch.
+            shorts = sorted({h[0] for rows_ in held.values() for h in rows_ if h[1].startswith("-")})
+            prices = await self.prices(shorts) if shorts else {}
+            coids: set[tuple[UUID, str]] = set()
+            for item in batch:
+                if not item.approved:
+                    continue
+                key = (item.account_id, item.values["client_order_id"])
+                if key in coids:  # the same client_order_id twice in one batch: the first wins
+                    repeats.append(item)
+                    continue
+                if item.account_id not in cash:
+                    self._refuse(item, NoAccount())
+                    continue
+                side_key = (item.account_id, item.symbol, item.side)
+                try:
+                    needed = await self.check(
+                        item.account,
+                        item.spec,
+                        item.values["reserve_price"],
+                        cash[item.account_id],
+                        reserved.get(item.account_id, ZERO),
+                        same.get(side_key, ZERO),
+                        [h for h in held.get(item.account_id, []) if h[0] == item.symbol or h[1][0] == "-"],
+                        prices,
                     )
-            inserted = {r["id"] for r in await cur.fetchall()} if cur is not None else set()
+                except Exception as exc:
+                    self._refuse(item, exc)
+                    continue
+                coids.add(key)
+                item.values["reserved"] = needed
+                reserved[item.account_id] = reserved.get(item.account_id, ZERO) + needed
+                if item.qty is not None:
+                    same[side_key] = same.get(side_key, ZERO) + item.qty
+                rows.append(item)
+            if rows:
+                values = [{c: b.values[c] for c in _COLUMNS} for b in rows]
+                written, _ = await prepared.run(
+                    conn, INSERT_ORDERS(prepared.text(conn, codec.encode(values))), prepared.COMMIT
+                )
+                inserted = {r["id"] for r in written}
+            else:
+                await prepared.run(conn, prepared.COMMIT)
         booked: list[tuple[NewOrder[Any, Any], Mapping[str, Any]]] = []
         for item in rows:
             if item.values["id"] in inserted:
@@ -430,22 +440,6 @@ def _settle(
         item.done.set_result(row)
 
 
-@contextlib.asynccontextmanager
-async def pipelined_transaction(conn: AsyncConnection[Any]) -> AsyncIterator[None]:
-    """A transaction whose BEGIN and COMMIT are statements of one pipeline, on an autocommit
-    connection: the block's statements go out with the BEGIN and the COMMIT with its last writes.
-    psycopg's own `transaction()` in a pipeline syncs after BEGIN, after COMMIT and at the end
-    (five round trips for what is two). A block that raises is rolled back before it propagates."""
-    try:
-        async with conn.pipeline():
-            await conn.execute(BEGIN, prepare=True)
-            yield
-            await conn.execute(COMMIT, prepare=True)
-    except BaseException:
-        await _rollback(conn)
-        raise
-
-
 def account_lock_key(account_id: UUID) -> int:
     """The second key of an account's advisory lock (`LOCK_NAMESPACE` is the first): 32 bits of its id."""
     return (account_id.int & 0xFFFFFFFF) - (1 << 31)
@@ -466,17 +460,16 @@ def new_pool(database_url: str, size: int) -> AsyncConnectionPool[AsyncConnectio
         connection_class=AsyncConnection[dict[str, Any]],
         kwargs={
             "row_factory": dict_row,
-            "autocommit": True,  # the group commit sends BEGIN / COMMIT in its pipeline
-            "prepare_threshold": 0,
+            "autocommit": True,  # the group commit sends BEGIN / COMMIT with its statements
+            # no protocol-level preparing by psycopg: its cache answers a ROLLBACK with DEALLOCATE ALL,
+            # which would drop the statements `_prepare` made
+            "prepare_threshold": None,
             "options": "-c plan_cache_mode=force_generic_plan",
         },
+        configure=_prepare,
         name="broker-hotpath",
     )
 
 
-async def _rollback(conn: AsyncConnection[Any]) -> None:
-    """End a transaction a failure left open or aborted (its locks with it), so the connection can
-    be used again; a broken connection is left to its owner (the pool, the ledger) to replace."""
-    if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
-        with contextlib.suppress(psycopg.Error):
-            await conn.execute("ROLLBACK")
+async def _prepare(conn: AsyncConnection[dict[str, Any]]) -> None:
+    await prepared.prepare(conn, STATEMENTS)
