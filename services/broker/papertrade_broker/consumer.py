@@ -457,7 +457,7 @@ class LedgerConsumer:
                 row_factory=dict_row,
                 autocommit=True,  # batches send BEGIN / COMMIT with their statements
                 prepare_threshold=None,  # psycopg would DEALLOCATE ALL after a ROLLBACK (`prepared`)
-                options="-c plan_cache_mode=force_generic_plan",
+                options=prepared.OPTIONS,
             )
             await prepared.prepare(self._db, STATEMENTS)
         return self._db

@@ -464,7 +464,7 @@ def new_pool(database_url: str, size: int) -> AsyncConnectionPool[AsyncConnectio
             # no protocol-level preparing by psycopg: its cache answers a ROLLBACK with DEALLOCATE ALL,
             # which would drop the statements `_prepare` made
             "prepare_threshold": None,
-            "options": "-c plan_cache_mode=force_generic_plan",
+            "options": prepared.OPTIONS,
         },
         configure=_prepare,
         name="broker-hotpath",

@@ -29,6 +29,13 @@ from psycopg.pq import Escaping, TransactionStatus
 
 BEGIN = b"BEGIN"
 COMMIT = b"COMMIT"
+#: Session options of a connection that runs these statements (libpq `options`). Generic plans,
+#: planned once per connection: with array parameters Postgres would otherwise re-plan every call.
+#: No sequential scans: a statement is prepared when its tables may still be empty and never
+#: analyzed, and its generic plan would scan whole tables for good (until an autoanalyze replans
+#: it), so the ledger read every order on every batch and the cost per order grew with the table.
+#: Every statement here finds its rows by index.
+OPTIONS = "-c plan_cache_mode=force_generic_plan -c enable_seqscan=off"
 
 
 @dataclass(frozen=True)
