@@ -621,14 +621,7 @@ class Desk:
         reqs = [self._risk_request(b.account, b.spec, b.values["id"], b.t) for b in batch]
         size = max(self.risk_batch, 1)
         chunks = [reqs[i : i + size] for i in range(0, len(reqs), size)]
-        answers: list[list[RiskDecision] | BaseException]
-        if len(chunks) == 1:  # asked here, not in a task of gather's: the request leaves at once
-            try:
-                answers = [await self._risk_decisions(chunks[0])]
-            except Exception as exc:
-                answers = [exc]
-        else:
-            answers = await asyncio.gather(*(self._risk_decisions(c) for c in chunks), return_exceptions=True)
+        answers = await asyncio.gather(*(self._risk_decisions(c) for c in chunks), return_exceptions=True)
         out: list[BaseException | None] = []
         for chunk, answer in zip(chunks, answers, strict=True):
             decisions = answer if isinstance(answer, list) else [answer] * len(chunk)
