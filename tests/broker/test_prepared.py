@@ -26,9 +26,7 @@ _SAMPLES = {
 def test_no_statement_scans_a_whole_table(fresh_database_url: str) -> None:
     migrate(fresh_database_url, MIGRATIONS, VERSION_TABLE)
     statements = [*hotpath.STATEMENTS, *consumer.STATEMENTS]
-    with psycopg.connect(
-        hotpath.libpq_url(fresh_database_url), autocommit=True, options=prepared.OPTIONS
-    ) as conn:
+    with psycopg.connect(hotpath.libpq_url(fresh_database_url), **prepared.CONNECTION) as conn:
         for st in statements:
             conn.execute(st.prepare.encode())
         scans = {}

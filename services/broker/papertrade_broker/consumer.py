@@ -455,9 +455,7 @@ class LedgerConsumer:
             self._db = await psycopg.AsyncConnection.connect(
                 libpq_url(self.settings.database_url),
                 row_factory=dict_row,
-                autocommit=True,  # batches send BEGIN / COMMIT with their statements
-                prepare_threshold=None,  # psycopg would DEALLOCATE ALL after a ROLLBACK (`prepared`)
-                options=prepared.OPTIONS,
+                **prepared.CONNECTION,
             )
             await prepared.prepare(self._db, STATEMENTS)
         return self._db

@@ -460,11 +460,7 @@ def new_pool(database_url: str, size: int) -> AsyncConnectionPool[AsyncConnectio
         connection_class=AsyncConnection[dict[str, Any]],
         kwargs={
             "row_factory": dict_row,
-            "autocommit": True,  # the group commit sends BEGIN / COMMIT with its statements
-            # no protocol-level preparing by psycopg: its cache answers a ROLLBACK with DEALLOCATE ALL,
-            # which would drop the statements `_prepare` made
-            "prepare_threshold": None,
-            "options": prepared.OPTIONS,
+            **prepared.CONNECTION,
         },
         configure=_prepare,
         name="broker-hotpath",

@@ -36,6 +36,10 @@ COMMIT = b"COMMIT"
 #: it), so the ledger read every order on every batch and the cost per order grew with the table.
 #: Every statement here finds its rows by index.
 OPTIONS = "-c plan_cache_mode=force_generic_plan -c enable_seqscan=off"
+#: The connection arguments (psycopg `connect` keywords) every connection that runs these statements
+#: takes: autocommit (a transaction's BEGIN and COMMIT are statements of its queries), no preparing
+#: by psycopg itself (above), `OPTIONS`.
+CONNECTION: dict[str, Any] = {"autocommit": True, "prepare_threshold": None, "options": OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -81,16 +85,8 @@ async def transaction(conn: AsyncConnection[Any]) -> AsyncIterator[None]:
     try:
         yield
     except BaseException:
-        await rollback(conn)
+        await _rollback(conn)
         raise
-
-
-async def rollback(conn: AsyncConnection[Any]) -> None:
-    """End a transaction a failure left open or aborted (its locks with it), so the connection can
-    be used again; a broken connection is left to its owner (the pool, the ledger) to replace."""
-    if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
-        with contextlib.suppress(psycopg.Error):
-            await conn.execute("ROLLBACK")
 
 
 def integer(value: int) -> bytes:
@@ -117,3 +113,11 @@ def texts(conn: AsyncConnection[Any], values: Iterable[str]) -> bytes:
     """A text array literal: every element quoted inside the array syntax, the whole escaped by libpq."""
     elements = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
     return text(conn, "{" + ",".join(elements) + "}")
+
+
+async def _rollback(conn: AsyncConnection[Any]) -> None:
+    """End a transaction a failure left open or aborted (its locks with it), so the connection can
+    be used again; a broken connection is left to its owner (the pool, the ledger) to replace."""
+    if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        with contextlib.suppress(psycopg.Error):
+            await conn.execute("ROLLBACK")
