@@ -19,7 +19,9 @@ floor of `/work/shared/bench/floors/bench_nats.py`), both on uvloop. Then:
 instead (latency only): each build's risk process (its directory first on PYTHONPATH, e.g. a `git
 archive` of an older commit) on a private nats-server with its own trivial responder, blocks of
 requests alternating over all of them, so a difference between builds is not the machine's load
-changing between two runs.
+changing between two runs. It also prints each build's CPU per check (risk process, its Redis when
+embedded) beside its trivial responder's CPU per request, read from /proc over the rounds: steadier
+than a tail latency on a shared machine.
 
 Checks are real: 200 accounts with limits on every rule (qty, notional, position, gross exposure,
 daily loss, rate, collar, symbols), a mark in Redis, orders that pass; each approval reserves open
@@ -139,8 +141,11 @@ def compare(a: argparse.Namespace) -> None:
     s = spec("risk")
     with tempfile.TemporaryDirectory(prefix="bench-risk-") as tmp, ExitStack() as stack:
         targets: list[tuple[str, str, str, str, str]] = []  # label, nats url, subject, risk url, redis url
+        pids: dict[str, int | None] = {}  # CPU of each build's processes over the rounds
         for label, path in builds.items():
-            ep = stack.enter_context(Infra(Path(tmp) / label, env=infra_env))
+            infra = Infra(Path(tmp) / label, env=infra_env)
+            ep = stack.enter_context(infra)
+            pids[f"{label} redis"] = infra.procs["redis"].pid if "redis" in infra.procs else None
             env = service_env(
                 s,
                 {**ep.env(), "PAPERTRADE_ADMIN_TOKEN": "bench", "LOG_LEVEL": "WARNING",
@@ -157,6 +162,7 @@ def compare(a: argparse.Namespace) -> None:
             )
             stack.callback(_stop_responder, floor)
             url = service_url(s, env)
+            pids[label], pids[f"{label} floor"] = risk.pid, floor.pid
             wait_ready(risk, url)
             assert floor.stdout is not None and floor.stdout.readline().strip() == "READY"
             targets += [
@@ -164,7 +170,9 @@ def compare(a: argparse.Namespace) -> None:
                 (f"{label} floor", ep.nats_url, FLOOR_SUBJECT, url, ep.redis_url),
             ]
         load_before = os.getloadavg()[0]
+        cpu_before = {k: _cpu_seconds(pid) for k, pid in pids.items()}
         rounds = asyncio.run(_compare_latency(targets, a.n, a.runs))
+        cpu = {k: _cpu_seconds(pid) - cpu_before[k] for k, pid in pids.items()}
     print(
         f"\n{a.runs} rounds of {a.n} sequential requests per target, blocks of 500 alternating over all targets"
     )
@@ -179,6 +187,18 @@ def compare(a: argparse.Namespace) -> None:
         r50 = statistics.median(_pct(r[label], 50) / _pct(r[f"{label} floor"], 50) for r in rounds)
         r99 = statistics.median(_pct(r[label], 99) / _pct(r[f"{label} floor"], 99) for r in rounds)
         print(f"{label:<24} ratio to its floor (median of rounds): p50 {r50:.2f}  p99 {r99:.2f}")
+    # CPU per request is steadier than a tail on a shared machine: what each check costs the process
+    # (and Redis) against what the trivial responder costs, over the same number of requests
+    count = (1000 + a.n * a.runs) / 1000
+    for label in builds:
+        own, floor_cpu = cpu[label] / count, cpu[f"{label} floor"] / count
+        redis_cpu = (
+            f"; its Redis {cpu[f'{label} redis'] / count * 1000:.0f} us" if pids[f"{label} redis"] else ""
+        )
+        print(
+            f"{label:<24} CPU per check {own * 1000:.0f} us, trivial responder {floor_cpu * 1000:.0f} us "
+            f"({own / floor_cpu:.2f}x){redis_cpu}"
+        )
     print(f"load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
 
 
@@ -218,6 +238,17 @@ async def _compare_latency(
     for nc in conns.values():
         await nc.close()
     return rounds
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a live process (Linux `/proc`); 0 if unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _stop_responder(proc: subprocess.Popen[str]) -> None:

@@ -1,56 +1,47 @@
-"""The decision audit: written off the reply path, kept while Redis is unreachable, never reordered."""
+"""The decision audit: written with the write-behind, kept while Redis is unreachable, never reordered."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from papertrade import codec
 from papertrade.risk import APPROVE, reject
 from papertrade.stack.infra import Endpoints
-from papertrade_risk.engine import AuditRecord
+from papertrade_risk.engine import RiskChecker
 from papertrade_risk.service import RiskService
+from papertrade_risk.store import LuaBatcher
 from tests.risk.conftest import fresh_symbol, request
 
 
-class _Checker:
-    """Stands in for the RiskChecker: hands out the records queued in it, once."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[str, bytes]] = []
-
-    def take_audit(self) -> list[tuple[str, bytes]]:
-        records, self.records = self.records, []
-        return records
-
-
-def _record(account: uuid.UUID, qty: str, approved: bool) -> tuple[str, bytes]:
+def _decide(checker: RiskChecker, account: uuid.UUID, qty: str, approved: bool) -> None:
+    """What the service does once a decision's reply went out."""
     req = request(account, fresh_symbol(), qty)
     decision = APPROVE if approved else reject("max_order_qty", f"max_order_qty 1 exceeded: order qty {qty}")
-    return str(account), codec.encode(
-        AuditRecord(at=time.time(), replica="t", request=req, decision=decision)
-    )
+    checker.record(req, decision)
 
 
 async def test_audit_survives_an_outage_in_order(infra: Endpoints) -> None:
-    checker = _Checker()
-    dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
-    live = Redis.from_url(infra.redis_url)
-    svc = RiskService(cast(Any, None), cast(Any, checker), dead)
+    dead = LuaBatcher("redis://127.0.0.1:1/0", timeout=0.5)
+    live = LuaBatcher(infra.redis_url)
+    redis = Redis.from_url(infra.redis_url)
+    checker = RiskChecker(dead, cast(Any, None), flush=60.0)
+    svc = RiskService(cast(Any, None), checker, redis)
     a, b = uuid.uuid4(), uuid.uuid4()
     try:
-        checker.records = [_record(a, "1", True), _record(b, "2", False)]
-        await svc.flush_audit()  # Redis unreachable: kept, not dropped
-        checker.records = [_record(a, "3", False)]
-        await svc.flush_audit()
-        svc.redis = live  # Redis is back
-        checker.records = [_record(b, "4", True)]
-        await svc.flush_audit()
+        _decide(checker, a, "1", True)
+        _decide(checker, b, "2", False)
+        await checker.write_audit()  # Redis unreachable: kept, not dropped
+        assert len(checker.audit) == 2
+        _decide(checker, a, "3", False)
+        await checker.write_audit()
+        assert len(checker.audit) == 3
+        checker.batcher = live  # Redis is back
+        _decide(checker, b, "4", True)
         rows_a = await svc.decisions(str(a), 10)
         rows_b = await svc.decisions(str(b), 10)
+        assert checker.audit == []
         # newest first, each account's own list
         assert [(r["qty"], r["decision"]) for r in rows_a] == [("3", "reject"), ("1", "approve")]
         assert [(r["qty"], r["decision"]) for r in rows_b] == [("4", "approve"), ("2", "reject")]
@@ -58,5 +49,27 @@ async def test_audit_survives_an_outage_in_order(infra: Endpoints) -> None:
         everyone = [r for r in await svc.decisions(None, 10_000) if r["account_id"] in (str(a), str(b))]
         assert [r["qty"] for r in everyone] == ["4", "3", "2", "1"]
     finally:
-        await dead.aclose()
-        await live.aclose()
+        await dead.close()
+        await live.close()
+        await redis.aclose()
+
+
+async def test_audit_lists_are_capped(infra: Endpoints) -> None:
+    """More records than a flush carries: written over several flushes, the lists keep their caps."""
+    from papertrade_risk import engine, store
+
+    batcher = LuaBatcher(infra.redis_url)
+    redis = Redis.from_url(infra.redis_url)
+    checker = RiskChecker(batcher, cast(Any, None), flush=60.0)
+    svc = RiskService(cast(Any, None), checker, redis)
+    account = uuid.uuid4()
+    try:
+        for i in range(store.LOG_PER_ACCOUNT + engine.AUDIT_PER_FLUSH // 2):
+            _decide(checker, account, str(i + 1), True)
+        rows = await svc.decisions(str(account), 100_000)
+        assert len(rows) == store.LOG_PER_ACCOUNT
+        assert rows[0]["qty"] == str(store.LOG_PER_ACCOUNT + engine.AUDIT_PER_FLUSH // 2)
+        assert await redis.llen(store.LOG) <= store.LOG_ALL
+    finally:
+        await batcher.close()
+        await redis.aclose()

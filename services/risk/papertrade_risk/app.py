@@ -73,7 +73,6 @@ def build_app(settings: RiskSettings | None = None) -> FastAPI:
         ctx.spawn(svc.watch_redis(), "risk-redis-watch")
         ctx.spawn(svc.serve(), "risk-check-responder")
         ctx.spawn(svc.consume(), "risk-exec-consumer")
-        ctx.spawn(svc.audit_writer(), "risk-audit-writer")
         ctx.spawn(svc.restore_kill_switches(), "risk-kill-restore")
 
         async def readiness() -> dict[str, str]:

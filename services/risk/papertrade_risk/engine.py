@@ -47,7 +47,7 @@ from papertrade.money import fmt
 from papertrade.risk import AccountRiskState, Limits, check, reject, reserve_for
 from papertrade.risk.bucket import TokenBucket, take
 from papertrade.risk.state import day_to_json, state_from_redis
-from papertrade_risk.store import LuaBatcher, seen_key
+from papertrade_risk.store import LuaBatcher, audit_item, seen_key
 from papertrade_risk.tables import limits_table
 
 _log = structlog.get_logger("risk")
@@ -73,6 +73,10 @@ FORWARD_TIMEOUT = 2.0
 IDLE_RELEASE = 60.0
 #: seconds between retries of a write-behind batch that failed (Redis unreachable)
 RETRY_FLUSH = 0.05
+#: decisions' audit records written per flush at most (more wait for the next flush)
+AUDIT_PER_FLUSH = 1_000
+#: audit records kept while Redis is unreachable (then the oldest are dropped)
+AUDIT_BACKLOG = 100_000
 
 Reply = Callable[[RiskDecision], Awaitable[None]]
 
@@ -192,10 +196,16 @@ class RiskChecker:
         self._background: set[asyncio.Task[None]] = set()
         self._dirty: set[str] = set()
         self._flush_handle: asyncio.TimerHandle | None = None
+        #: the write-behind is due: it runs right after the next reply is handed to NATS
+        self._flush_due = False
+        #: when `record` last ran (monotonic): a reply went out
+        self._replied = 0.0
         #: execution reports applied here whose write is not confirmed yet: seen key -> its write
         self._seen: dict[str, asyncio.Future[str]] = {}
-        #: decisions not handed to the audit writer yet: (account id, record JSON)
+        #: decisions not written yet, oldest first: (account id, record JSON)
         self.audit: list[tuple[str, bytes]] = []
+        #: the latest audit batch: True once written, False if it failed (its records wait again)
+        self._audit_written: asyncio.Future[bool] | None = None
 
     # --- entry points ------------------------------------------------------------------------------
 
@@ -207,10 +217,35 @@ class RiskChecker:
         return self._step(_Job(req=req, reply=reply, reply_to=reply_to, hops=hops))
 
     def record(self, req: RiskCheckRequest, decision: RiskDecision) -> None:
-        """Queue the audit record and the metric of a decision (after its reply was handed to NATS)."""
+        """Queue the audit record and the metric of a decision, right after its reply was handed to
+        NATS; a write-behind that is due goes out now.
+
+        That is when background writes cost a check least: a sequential requester is busy reading
+        the answer and sending its next request, so the write's CPU (here and in Redis) does not
+        delay a check that is waiting. Under load a reply goes out every few microseconds anyway.
+        """
+        self._replied = time.monotonic()
         record = AuditRecord(at=time.time(), replica=self.replica, request=req, decision=decision)
         self.audit.append((str(req.account_id), codec.encode(record)))
         _decision_counter(decision.decision, decision.rule or "").inc()
+        if self._flush_due:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(self.flush_interval, self._due)
+
+    async def write_audit(self) -> None:
+        """Write the decisions recorded so far now (a read of the audit lists follows; a clean stop).
+
+        If Redis is unreachable they stay queued for a later flush (up to `AUDIT_BACKLOG`).
+        """
+        written = self._audit_written
+        if written is not None and not written.done():
+            await asyncio.shield(written)
+        for _ in range(-(-len(self.audit) // AUDIT_PER_FLUSH)):
+            self._flush()
+            written = self._audit_written
+            if written is None or not await asyncio.shield(written):
+                return
 
     def on_trade(self, data: bytes) -> None:
         """A public trade print (`ex.trade.<symbol>`): the freshest mark of its symbol."""
@@ -262,11 +297,6 @@ class RiskChecker:
                 )
             ).first()
         return Limits.model_validate(row[0]) if row is not None else Limits()
-
-    def take_audit(self) -> list[tuple[str, bytes]]:
-        """The decisions recorded since the last call, encoded: (account id, record JSON)."""
-        records, self.audit = self.audit, []
-        return records
 
     def owned(self) -> list[str]:
         """The accounts this replica owns now."""
@@ -666,12 +696,26 @@ class RiskChecker:
 
     def _mark_dirty(self, account: str) -> None:
         self._dirty.add(account)
-        if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(self.flush_interval, self._flush)
+        if self._flush_handle is None and not self._flush_due:
+            self._flush_handle = asyncio.get_running_loop().call_later(self.flush_interval, self._due)
+
+    def _due(self) -> None:
+        """`flush_interval` after the first change: write behind once the next reply went out (`record`),
+        at the latest one more interval later; at once when no check was answered meanwhile (only
+        execution reports are waiting)."""
+        if time.monotonic() - self._replied > self.flush_interval:
+            self._flush()
+            return
+        self._flush_due = True
+        self._flush_handle = asyncio.get_running_loop().call_later(self.flush_interval, self._flush)
 
     def _flush(self) -> None:
-        """One write-behind batch: one script item with an entry per dirty account."""
+        """One write-behind batch: one script item with an entry per dirty account, then one with the
+        audit records (both in one script call)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
         self._flush_handle = None
+        self._flush_due = False
         dirty, self._dirty = self._dirty, set()
         entries: list[dict[str, Any]] = []
         batch: list[_Written] = []
@@ -703,19 +747,50 @@ class RiskChecker:
             )
             slot.w_open, slot.w_pos, slot.w_day, slot.w_seen, slot.w_rate = {}, {}, "", [], False
             slot.w_waiters = []
-        if not entries:
-            return
+        if entries:
+
+            async def cont(result: Any) -> None:
+                if isinstance(result, BaseException):
+                    for w in batch:
+                        self._unwritten(w)
+                    return
+                statuses = result[1] if isinstance(result[1], list) else []
+                for w, status in zip(batch, statuses, strict=False):
+                    self._written(w, status)
+
+            self.batcher.submit(orjson.dumps({"op": "w", "a": "", "ws": entries}), cont)
+        if self.audit:
+            self._flush_audit()
+
+    def _flush_audit(self) -> None:
+        """The oldest audit records (one batch in flight at a time, so a failed one goes back in front
+        of the rest and the lists keep the order of the decisions)."""
+        if self._audit_written is not None and not self._audit_written.done():
+            return  # the next flush takes them
+        records = self.audit[:AUDIT_PER_FLUSH]
+        del self.audit[:AUDIT_PER_FLUSH]
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._audit_written = done
 
         async def cont(result: Any) -> None:
-            if isinstance(result, BaseException):
-                for w in batch:
-                    self._unwritten(w)
-                return
-            statuses = result[1] if isinstance(result[1], list) else []
-            for w, status in zip(batch, statuses, strict=False):
-                self._written(w, status)
+            ok = not isinstance(result, BaseException)
+            if not ok:
+                self.audit[:0] = records
+                dropped = max(0, len(self.audit) - AUDIT_BACKLOG)
+                del self.audit[:dropped]
+                _log.warning(
+                    "decision audit not written yet (Redis unreachable)",
+                    pending=len(self.audit),
+                    dropped=dropped,
+                    error=repr(result),
+                )
+            if not done.done():
+                done.set_result(ok)
+            if self.audit and self._flush_handle is None and not self._flush_due:
+                delay = self.flush_interval if ok else RETRY_FLUSH
+                self._flush_handle = asyncio.get_running_loop().call_later(delay, self._due)
 
-        self.batcher.submit(orjson.dumps({"op": "w", "a": "", "ws": entries}), cont)
+        self.batcher.submit(audit_item(records), cont)
 
     def _written(self, w: _Written, status: str) -> None:
         if status == "ok":

@@ -30,7 +30,6 @@ from papertrade.service import ServiceContext
 from papertrade_risk.engine import HOPS_HEADER, OP_HEADER, AuditRecord, RiskChecker
 from papertrade_risk.store import (
     ACCOUNTS,
-    AUDIT_SCRIPT,
     KILL_GLOBAL,
     KILL_SYNCED,
     LOG,
@@ -43,16 +42,6 @@ _log = structlog.get_logger("risk")
 
 QUEUE_GROUP = "risk"
 DURABLE = "risk"
-#: capped audit lists: per account and for all accounts
-LOG_PER_ACCOUNT = 1_000
-LOG_ALL = 10_000
-#: seconds between audit flushes: each one wakes this process and Redis beside the checks (at 25 ms
-#: the sequential p99 of a check was ~0.2 ms worse); a flush is cut in `AUDIT_CHUNK` calls
-AUDIT_INTERVAL = 0.1
-#: records per audit script call (a call blocks Redis while it runs)
-AUDIT_CHUNK = 256
-#: records kept for a later flush while Redis is unreachable (then the oldest are dropped)
-AUDIT_BACKLOG = 100_000
 GLOBAL = "global"
 #: seconds a `risk.ctl` change waits for every live replica's confirmation
 CTL_TIMEOUT = 2.0
@@ -83,10 +72,6 @@ class RiskService:
         #: subscriptions kept until the leases are handed back (own subject, risk.ctl)
         self._own_subs: list[Any] = []
         self._watch = watch if watch is not None else redis
-        self._audit_script = redis.register_script(AUDIT_SCRIPT)
-        #: encoded decisions not written yet (oldest first)
-        self._unwritten: list[tuple[str, bytes]] = []
-        self._audit_lock = asyncio.Lock()
 
     # --- risk.check --------------------------------------------------------------------------------
 
@@ -323,7 +308,7 @@ class RiskService:
             except Exception as exc:
                 _log.debug("unsubscribe failed", error=repr(exc))
         self._own_subs.clear()
-        await self.flush_audit()
+        await self.checker.write_audit()
 
     async def _consume(self) -> None:
         await self.ctx.links.wait_nats()
@@ -351,40 +336,9 @@ class RiskService:
 
     # --- audit -------------------------------------------------------------------------------------
 
-    async def audit_writer(self) -> None:
-        while not self.ctx.stopping.is_set():
-            await asyncio.sleep(AUDIT_INTERVAL)
-            await self.flush_audit()
-
-    async def flush_audit(self) -> None:
-        """Write the decisions recorded since the last flush (off the reply path, batched).
-
-        A flush that finds Redis unreachable keeps its records for the next one (bounded by
-        `AUDIT_BACKLOG`); `close()` flushes once more, so a clean shutdown loses none.
-        """
-        async with self._audit_lock:
-            self._unwritten += self.checker.take_audit()
-            while self._unwritten:
-                chunk = self._unwritten[:AUDIT_CHUNK]
-                args: list[str | bytes | int] = [LOG, LOG_ALL, LOG_PER_ACCOUNT, log_key("")]
-                for account, record in chunk:
-                    args += (account, record)
-                try:
-                    await self._audit_script(args=args, client=self.redis)
-                except Exception as exc:
-                    dropped = max(0, len(self._unwritten) - AUDIT_BACKLOG)
-                    del self._unwritten[:dropped]
-                    _log.warning(
-                        "decision audit not written yet (Redis unreachable)",
-                        pending=len(self._unwritten),
-                        dropped=dropped,
-                        error=repr(exc),
-                    )
-                    return
-                del self._unwritten[: len(chunk)]
-
     async def decisions(self, account_id: str | None, limit: int) -> list[Any]:
-        await self.flush_audit()
+        """Recent decisions, newest first (the checker writes them with its write-behind)."""
+        await self.checker.write_audit()
         key = log_key(account_id) if account_id else LOG
         raw = await self.redis.lrange(key, 0, limit - 1)
         return [codec.decode(r, AuditRecord).flat() for r in raw]

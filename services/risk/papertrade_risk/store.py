@@ -16,14 +16,14 @@ Keys (prefix `papertrade.keys.RISK_PREFIX`, `pt:risk:`):
 | `kill:synced` | present once the kill switches were restored from Postgres into this Redis |
 | `seen:<symbol>:<seq>` | an execution report already applied (expires after 3 days) |
 | `accounts` | set of accounts with state |
-| `log` · `log:<account>` | capped lists of recent decisions (JSON, newest first; `AUDIT_SCRIPT`) |
+| `log` · `log:<account>` | capped lists of recent decisions (JSON, newest first; `audit_item`) |
 
 One replica owns an account at a time (`own:<account>`, taken with `acq`, renewed with `ren`): it
 decides from memory and writes the changes behind with one `w` item per flush (an entry per
 account), each entry applied only while `own:<account>` still holds the writer's token (replica
-and fence). The script answers one
-JSON document per batch (parsing nested RESP arrays in Python is slow); calls from many concurrent
-callers are batched into one script call (`LuaBatcher`).
+and fence). The decisions' audit records ride in the same script call (`audit_item`). The script
+answers one JSON document per batch (parsing nested RESP arrays in Python is slow); calls from many
+concurrent callers are batched into one script call (`LuaBatcher`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ from papertrade.keys import RISK_PREFIX
 
 Result = Any
 Continuation = Callable[[Result | BaseException], Awaitable[None]]
+
+#: capped audit lists: per account and for all accounts
+LOG_PER_ACCOUNT = 1_000
+LOG_ALL = 10_000
 
 SCRIPT = r"""
 local P = ARGV[1]
@@ -68,12 +72,45 @@ local function nowms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- decision records (`audit_item`): one LPUSH per list, an LTRIM only for a list past its cap
+local function audit(item)
+  local cap_all, cap_one = string.match(item, '^L(%d+) (%d+)')
+  cap_all, cap_one = tonumber(cap_all), tonumber(cap_one)
+  local every, by_key, keys = {}, {}, {}
+  for a, rec in string.gmatch(item, '\n([^\t]+)\t([^\n]+)') do
+    local key = P .. 'log:' .. a
+    every[#every + 1] = rec
+    local recs = by_key[key]
+    if not recs then
+      recs = {}
+      by_key[key] = recs
+      keys[#keys + 1] = key
+    end
+    recs[#recs + 1] = rec
+  end
+  if #every > 0 and redis.call('LPUSH', P .. 'log', unpack(every)) > cap_all then
+    redis.call('LTRIM', P .. 'log', 0, cap_all - 1)
+  end
+  for _, key in ipairs(keys) do
+    if redis.call('LPUSH', key, unpack(by_key[key])) > cap_one then
+      redis.call('LTRIM', key, 0, cap_one - 1)
+    end
+  end
+  return {'log', #every}
+end
 local out = {}
 for i = 2, #ARGV do
-  local it = cjson.decode(ARGV[i])
-  local op, a = it.op, it.a
   local res
-  if op == 'w' then
+  local it = {}
+  if string.byte(ARGV[i], 1) == 76 then  -- 'L': an audit item, not JSON
+    it.op = 'log'
+  else
+    it = cjson.decode(ARGV[i])
+  end
+  local op, a = it.op, it.a
+  if op == 'log' then
+    res = audit(ARGV[i])
+  elseif op == 'w' then
     local st = {}
     for n, w in ipairs(it.ws) do
       local a = w.a
@@ -162,35 +199,6 @@ return cjson.encode(out)
 """
 
 
-#: the decision audit: ARGV = all-accounts list, its cap, per-account cap, per-account key prefix, then
-#: (account, record JSON) pairs oldest first. One command per flush, one LPUSH per list, and an
-#: LTRIM only for a list that grew past its cap.
-AUDIT_SCRIPT = r"""
-local all, cap_all, cap_one, prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local every, by_key, keys = {}, {}, {}
-for i = 5, #ARGV, 2 do
-  local key = prefix .. ARGV[i]
-  every[#every + 1] = ARGV[i + 1]
-  local recs = by_key[key]
-  if not recs then
-    recs = {}
-    by_key[key] = recs
-    keys[#keys + 1] = key
-  end
-  recs[#recs + 1] = ARGV[i + 1]
-end
-if #every > 0 and redis.call('LPUSH', all, unpack(every)) > cap_all then
-  redis.call('LTRIM', all, 0, cap_all - 1)
-end
-for _, key in ipairs(keys) do
-  if redis.call('LPUSH', key, unpack(by_key[key])) > cap_one then
-    redis.call('LTRIM', key, 0, cap_one - 1)
-  end
-end
-return #every
-"""
-
-
 def account_key(account: str, name: str) -> str:
     return f"{RISK_PREFIX}a:{account}:{name}"
 
@@ -211,6 +219,15 @@ def log_key(account: str) -> str:
 
 def seen_key(symbol: str, seq: int) -> str:
     return f"{RISK_PREFIX}seen:{symbol}:{seq}"
+
+
+def audit_item(records: list[tuple[str, bytes]]) -> bytes:
+    """A script item that prepends decision records (account id, record JSON; oldest first) to the
+    capped lists `log` and `log:<account>`. Not JSON: `L<cap all> <cap one>`, then a line
+    `<account>\t<record>` per record (compact JSON never holds a raw tab or newline), so neither side
+    encodes the records again."""
+    head = b"L%d %d" % (LOG_ALL, LOG_PER_ACCOUNT)
+    return head + b"".join(b"\n%s\t%s" % (account.encode(), record) for account, record in records)
 
 
 class LuaBatcher:
