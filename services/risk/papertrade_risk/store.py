@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
+import hiredis
 import orjson
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.exceptions import NoScriptError, ResponseError
+from redis.connection import SSLConnection, parse_url
+from redis.exceptions import ResponseError
 
 from papertrade.keys import RISK_PREFIX
 
@@ -234,28 +235,27 @@ class LuaBatcher:
     """Queue script items from many concurrent checks; one script call runs a whole batch atomically.
 
     At most one call is in flight: a lone check pays one round trip, a burst shares one. The calls go
-    over one redis-py connection (hiredis parser) used at the command level: the client's per-call
-    machinery (connection pool, retries, response callbacks, the per-send `wait_for` task of
-    `socket_timeout`) costs more than the script takes in Redis, and this batcher needs exactly one
-    command shape. One `asyncio.timeout` bounds each call (connect included); any error drops the
-    connection (the next call reconnects) and fails the batch, so checks fail closed meanwhile.
+    over one connection of its own speaking RESP directly (hiredis parses the answers): redis-py's
+    per-call machinery (connection pool, retries, response callbacks, stream reader, per-send
+    timeouts) cost more than the script takes in Redis, and this batcher needs exactly one command
+    shape. Each call has one deadline (connect included); any error drops the connection (the next
+    call reconnects) and fails the batch, so checks fail closed meanwhile.
     """
 
     def __init__(self, url: str, timeout: float = 1.0, max_batch: int = 256) -> None:
-        # no socket timeouts on the connection itself (the call's own deadline covers it), no retries
-        pool = ConnectionPool.from_url(url, socket_connect_timeout=timeout)
-        self.conn: AbstractConnection = pool.make_connection()
+        self._where = _address(url)
         self.timeout = timeout
         self.max_batch = max_batch
         self._queue: list[tuple[bytes, Continuation]] = []
         self._running = False
         self._sha: bytes | None = None
         self._task: asyncio.Task[None] | None = None
+        self._conn: _Resp | None = None
         self.calls = 0
         self.items = 0
 
     def submit(self, item: bytes, cont: Continuation) -> None:
-        """Queue one JSON item; `cont` is awaited with its result (or the exception of the call)."""
+        """Queue one item; `cont` is awaited with its result (or the exception of the call)."""
         self._queue.append((item, cont))
         if not self._running:
             self._running = True
@@ -281,7 +281,7 @@ class LuaBatcher:
 
     async def close(self) -> None:
         """Drop the connection (a later call would open a new one)."""
-        await self.conn.disconnect()
+        self._drop()
 
     async def _drain(self) -> None:
         try:
@@ -302,30 +302,136 @@ class LuaBatcher:
             self._running = False
 
     async def _eval(self, items: list[bytes]) -> list[Result]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         try:
-            async with asyncio.timeout(self.timeout):
-                if self._sha is None:
-                    self._sha = await self._command(b"SCRIPT", b"LOAD", SCRIPT)
-                try:
-                    result = await self._command(b"EVALSHA", self._sha, b"0", RISK_PREFIX, *items)
-                except NoScriptError:  # Redis restarted or flushed its scripts
-                    self._sha = await self._command(b"SCRIPT", b"LOAD", SCRIPT)
-                    result = await self._command(b"EVALSHA", self._sha, b"0", RISK_PREFIX, *items)
+            conn = self._conn
+            if conn is None or conn.broken is not None:
+                conn = await self._connect(deadline)
+            if self._sha is None:
+                self._sha = await conn.command(deadline, b"SCRIPT", b"LOAD", SCRIPT)
+            result = await conn.command(deadline, b"EVALSHA", self._sha, b"0", RISK_PREFIX, *items)
+            if isinstance(result, ResponseError) and str(result).startswith("NOSCRIPT"):
+                # Redis restarted or flushed its scripts
+                self._sha = await conn.command(deadline, b"SCRIPT", b"LOAD", SCRIPT)
+                result = await conn.command(deadline, b"EVALSHA", self._sha, b"0", RISK_PREFIX, *items)
         except TimeoutError:
-            await self.conn.disconnect(nowait=True)
+            self._drop()
             raise TimeoutError(f"Redis did not answer within {self.timeout:g}s") from None
         except Exception:
-            await self.conn.disconnect(nowait=True)
+            self._drop()
             raise
+        if isinstance(result, ResponseError):
+            raise result
         if not isinstance(result, bytes):
             raise ResponseError(f"unexpected answer from the risk script: {result!r}")
         decoded: list[Result] = orjson.loads(result)
         return decoded
 
-    async def _command(self, *args: bytes | str) -> Any:
-        conn = self.conn
-        await conn.send_packed_command(conn.pack_command(*args), check_health=False)
-        return await conn.read_response()
+    async def _connect(self, deadline: float) -> _Resp:
+        self._drop()
+        loop = asyncio.get_running_loop()
+        where = self._where
+        async with asyncio.timeout_at(deadline):
+            if "path" in where:
+                _, conn = await loop.create_unix_connection(_Resp, where["path"])
+            else:
+                _, conn = await loop.create_connection(
+                    _Resp, where.get("host", "localhost"), where.get("port", 6379), ssl=where.get("ssl")
+                )
+        self._conn = conn
+        password, username = where.get("password"), where.get("username")
+        if password:
+            auth = (b"AUTH", username, password) if username else (b"AUTH", password)
+            _ok(await conn.command(deadline, *auth))
+        if where.get("db"):
+            _ok(await conn.command(deadline, b"SELECT", str(where["db"])))
+        return conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class _Resp(asyncio.Protocol):
+    """One Redis connection, one command at a time: RESP out, hiredis in."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._reader = hiredis.Reader(replyError=ResponseError)
+        self._waiter: asyncio.Future[Any] | None = None
+        #: why the connection is unusable (closed, lost), else None
+        self.broken: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        try:
+            reply = self._reader.gets()
+        except Exception as exc:  # a protocol error: the stream cannot be trusted any more
+            self.broken = exc
+            waiter.set_exception(ConnectionError(f"unreadable answer from Redis: {exc}"))
+            return
+        if reply is not False:
+            self._waiter = None
+            waiter.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.broken = exc or ConnectionError("Redis closed the connection")
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionError(f"lost the connection to Redis: {self.broken}"))
+
+    async def command(self, deadline: float, *args: bytes | str) -> Any:
+        if self.broken is not None or self._transport is None:
+            raise ConnectionError(f"no connection to Redis: {self.broken}")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        self._waiter = waiter
+        self._transport.write(_pack(args))
+        timer = loop.call_at(deadline, _expire, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+
+    def close(self) -> None:
+        self.broken = self.broken or ConnectionError("closed")
+        if self._transport is not None:
+            self._transport.close()
+
+
+def _pack(args: tuple[bytes | str, ...]) -> bytes:
+    """A command in RESP: an array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        raw = arg.encode() if isinstance(arg, str) else arg
+        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+def _ok(reply: Any) -> None:
+    if isinstance(reply, ResponseError):
+        raise reply
+
+
+def _address(url: str) -> dict[str, Any]:
+    """Where a `redis://`, `rediss://` or `unix://` URL points (host, port or path, db, credentials)."""
+    where = dict(parse_url(url))
+    if where.pop("connection_class", None) is SSLConnection:
+        where["ssl"] = True
+    return where
 
 
 async def _safe(cont: Continuation, result: Result | BaseException) -> None:
