@@ -20,7 +20,7 @@ from papertrade.db import migrate_async
 from papertrade.service import ServiceContext, create_app
 from papertrade_risk.engine import RiskChecker
 from papertrade_risk.routes import router
-from papertrade_risk.service import RiskService
+from papertrade_risk.service import WATCH_BLOCK, RiskService
 from papertrade_risk.settings import RiskSettings
 from papertrade_risk.store import LuaBatcher
 
@@ -58,7 +58,7 @@ def build_app(settings: RiskSettings | None = None) -> FastAPI:
         watch = Redis.from_url(
             settings.redis_url,
             decode_responses=False,
-            socket_timeout=settings.redis_timeout + 1.0,
+            socket_timeout=settings.redis_timeout + WATCH_BLOCK,  # a round answers after WATCH_BLOCK
             socket_connect_timeout=settings.redis_timeout,
             retry_on_timeout=False,
             max_connections=2,

@@ -46,8 +46,9 @@ GLOBAL = "global"
 #: seconds a `risk.ctl` change waits for every live replica's confirmation
 CTL_TIMEOUT = 2.0
 #: seconds the Redis watch blocks on its key per round (a dead Redis is noticed at once: the
-#: connection breaks; a hung one within this plus the client's socket timeout)
-WATCH_BLOCK = 0.2
+#: connection breaks; a hung one within this plus the client's socket timeout, and by the lease
+#: renewals before that). Every round wakes this process and Redis beside the checks.
+WATCH_BLOCK = 1.0
 
 
 class RiskService:
