@@ -381,3 +381,32 @@ def test_limits_accept_strings_and_numbers_exactly() -> None:
     assert lim.max_order_notional == D("100.1") and lim.max_order_qty == D("5")
     assert lim.blocked_symbols == ["BRK.B"]
     assert Limits().unlimited and not lim.unlimited
+
+
+@pytest.mark.parametrize(
+    ("utc", "ny_day"),
+    [
+        ("2026-03-08T04:59:59.999999", "2026-03-07"),  # the night clocks spring forward (EST)
+        ("2026-03-08T05:00:00", "2026-03-08"),
+        ("2026-03-09T03:59:59.999999", "2026-03-08"),  # the first EDT midnight is at 04:00 UTC
+        ("2026-03-09T04:00:00", "2026-03-09"),
+        ("2026-11-01T03:59:59", "2026-10-31"),
+        ("2026-11-01T04:00:00", "2026-11-01"),
+        ("2026-11-02T04:59:59", "2026-11-01"),  # back to EST: midnight at 05:00 UTC
+        ("2026-11-02T05:00:00", "2026-11-02"),
+    ],
+)
+def test_session_day_is_the_new_york_date_across_daylight_saving(utc: str, ny_day: str) -> None:
+    from datetime import date, timedelta
+
+    from papertrade.risk import session_day
+
+    t = datetime.fromisoformat(utc).replace(tzinfo=UTC)
+    # asked after a neighbouring instant (the day it remembers) and on its own
+    for before in (t - timedelta(hours=3), t + timedelta(hours=3), t):
+        session_day(before)
+        assert session_day(t) == date.fromisoformat(ny_day)
+    # an instant in another zone, and a different UTC day afterwards
+    assert session_day(
+        t.astimezone(datetime.fromisoformat("2026-01-01T00:00:00+09:00").tzinfo)
+    ) == date.fromisoformat(ny_day)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dt_time
 from decimal import Decimal
 from typing import Any
 
@@ -25,8 +26,29 @@ _RELEASING = (ExecType.CANCELED, ExecType.EXPIRED, ExecType.REJECTED, ExecType.R
 
 
 def session_day(t: datetime) -> date:
-    """The trading day an instant belongs to: its date in New York (P&L resets at NY midnight)."""
-    return t.astimezone(NEW_YORK).date()
+    """The trading day an instant belongs to: its date in New York (P&L resets at NY midnight).
+
+    Every check asks, almost always about the same day: the last day's UTC bounds are kept, so an
+    instant inside them costs two comparisons instead of a time zone conversion.
+    """
+    last = _last_day
+    if t.tzinfo is UTC and last is not None and last[0] <= t < last[1]:
+        return last[2]
+    day = t.astimezone(NEW_YORK).date()
+    if t.tzinfo is UTC:
+        _remember_day(day)
+    return day
+
+
+#: the last New York day `session_day` answered: (its start, its end, both UTC; the day)
+_last_day: tuple[datetime, datetime, date] | None = None
+
+
+def _remember_day(day: date) -> None:
+    global _last_day
+    start = datetime.combine(day, dt_time(), NEW_YORK).astimezone(UTC)
+    end = datetime.combine(day + timedelta(days=1), dt_time(), NEW_YORK).astimezone(UTC)
+    _last_day = (start, end, day)
 
 
 @dataclass(slots=True)
