@@ -56,6 +56,8 @@ DECISIONS = Counter("papertrade_risk_decisions_total", "Risk decisions", ["decis
 FORWARDED = Counter("papertrade_risk_forwarded_total", "Checks and reports forwarded to the owner")
 LEASES_LOST = Counter("papertrade_risk_leases_lost_total", "Account leases lost (expired or fenced)")
 _DECISION_CHILDREN: dict[tuple[str, str], Any] = {}
+#: account ids as text (`_account_str`)
+_ACCOUNT_TEXT: dict[UUID, str] = {}
 
 #: seconds a mark read from Redis is used before it is re-read (in the background)
 MARK_TTL = 1.0
@@ -109,8 +111,9 @@ class _Slot:
     owner_until: float = 0.0
     used: float = 0.0
     waiting: list[_Job] = field(default_factory=list)
-    #: changes not written to Redis yet: order id / symbol -> JSON ('' = delete), day JSON, seen keys
-    w_open: dict[str, str] = field(default_factory=dict)
+    #: changes not written to Redis yet: order id / symbol -> JSON ('' = delete), day JSON, seen keys;
+    #: an open order marked None is encoded from the state when the flush writes it
+    w_open: dict[str, str | None] = field(default_factory=dict)
     w_pos: dict[str, str] = field(default_factory=dict)
     w_day: str = ""
     w_seen: list[str] = field(default_factory=list)
@@ -149,7 +152,7 @@ class _Job:
         self.attempts = 0
         source = req if req is not None else report
         assert source is not None
-        self.account = str(source.account_id)
+        self.account = _account_str(source.account_id)
 
 
 @dataclass(slots=True)
@@ -159,7 +162,7 @@ class _Written:
     account: str
     slot: _Slot
     token: str
-    changes: tuple[dict[str, str], dict[str, str], str, list[str], bool]
+    changes: tuple[dict[str, str | None], dict[str, str], str, list[str], bool]
     waiters: list[asyncio.Future[str]]
 
 
@@ -226,7 +229,7 @@ class RiskChecker:
         """
         self._replied = time.monotonic()
         record = AuditRecord(at=time.time(), replica=self.replica, request=req, decision=decision)
-        self.audit.append((str(req.account_id), codec.encode(record)))
+        self.audit.append((_account_str(req.account_id), codec.encode(record)))
         _decision_counter(decision.decision, decision.rule or "").inc()
         if self._flush_due:
             self._flush()
@@ -630,12 +633,10 @@ class RiskChecker:
                 return reject(
                     "max_orders_per_second", f"max_orders_per_second {fmt(rate)} exceeded", throttled=True
                 )
-        reserve_for(state, req, decision, self.marks)
+        oid = reserve_for(state, req, decision, self.marks)
         if req.replaces is not None:
             slot.w_open[str(req.replaces)] = ""
-        oid = str(req.order_id)
-        opened = state.open_orders.get(oid)
-        slot.w_open[oid] = opened.to_json().decode() if opened is not None else ""
+        slot.w_open[oid if oid is not None else str(req.order_id)] = None  # encoded by the flush
         self._mark_dirty(account)
         return decision
 
@@ -728,7 +729,7 @@ class RiskChecker:
                 {
                     "a": account,
                     "tok": slot.token,
-                    "o": [x for pair in slot.w_open.items() for x in pair],
+                    "o": _open_changes(slot.w_open, slot.state),
                     "p": [x for pair in slot.w_pos.items() for x in pair],
                     "day": slot.w_day,
                     "seen": slot.w_seen,
@@ -973,6 +974,29 @@ def _decision_counter(decision: str, rule: str) -> Any:
     if child is None:
         child = _DECISION_CHILDREN[key] = DECISIONS.labels(decision, rule)
     return child
+
+
+def _account_str(account: UUID) -> str:
+    """An account id as text (`UUID.__str__` is Python code, and every check needs it twice)."""
+    text = _ACCOUNT_TEXT.get(account)
+    if text is None:
+        if len(_ACCOUNT_TEXT) >= 100_000:
+            _ACCOUNT_TEXT.clear()
+        text = _ACCOUNT_TEXT[account] = str(account)
+    return text
+
+
+def _open_changes(changes: dict[str, str | None], state: AccountRiskState | None) -> list[str]:
+    """The `open` hash's changes as flat [order id, JSON or '' (delete), ...], encoding the orders
+    marked None from the state as it is now."""
+    opens = state.open_orders if state is not None else {}
+    flat: list[str] = []
+    for oid, raw in changes.items():
+        if raw is None:
+            order = opens.get(oid)
+            raw = order.to_json().decode() if order is not None else ""
+        flat += (oid, raw)
+    return flat
 
 
 def _symbols(symbol: str, state: AccountRiskState) -> Iterable[str]:

@@ -123,16 +123,21 @@ def final_qty(order: RiskCheckRequest, decision: RiskDecision, mark: Decimal | N
 
 def reserve_for(
     state: AccountRiskState, order: RiskCheckRequest, decision: RiskDecision, marks: Mapping[str, Decimal]
-) -> None:
-    """Record an approved or clipped order in `state` as open (releasing the order it replaces)."""
+) -> str | None:
+    """Record an approved or clipped order in `state` as open (releasing the order it replaces).
+
+    Returns its key in `state.open_orders` (the order id as text), or None when it has no quantity to
+    reserve (a notional order without any price)."""
     mark = marks.get(order.symbol)
     qty = final_qty(order, decision, mark)
     replaces = str(order.replaces) if order.replaces is not None else None
     if qty is None:
         if replaces is not None:
             state.release(replaces)
-        return
-    state.reserve(str(order.order_id), order.symbol, order.side, qty, order_price(order, mark), replaces)
+        return None
+    order_id = str(order.order_id)
+    state.reserve(order_id, order.symbol, order.side, qty, order_price(order, mark), replaces)
+    return order_id
 
 
 def reject(rule: str, reason: str, *, throttled: bool = False) -> RiskDecision:
