@@ -268,3 +268,38 @@ async def test_forwarding_and_the_array_form(start_services: ServiceStarter, inf
         assert d.reason == "max_order_qty 1 exceeded: order qty 2"
     finally:
         await nc.close()
+
+
+async def test_writes_list_the_account_and_keep_the_rate_bucket_expiring(
+    checkers: tuple[RiskChecker, RiskChecker], redis: Redis
+) -> None:
+    """An owner lists the account (`accounts`) once per lease and refreshes the rate bucket's expiry
+    now and then, not on every write; a new lease (after Redis lost the keys) lists it again."""
+    a, _ = checkers
+    account = uuid.uuid4()
+    sym = fresh_symbol()
+    await _limits(redis, account, max_orders_per_second=1000)
+    for _ in range(3):
+        assert (await _decide(a, request(account, sym, "1", limit="10"))).decision == "approve"
+        await a.write_audit()  # flushes the state changes too
+
+    async def listed() -> bool:
+        return bool(await redis.sismember("pt:risk:accounts", str(account)))
+
+    assert await _eventually(listed)
+    assert 3000 < await redis.ttl(f"pt:risk:a:{account}:rate") <= 3600
+    # Redis loses the account's keys (a flush, a restart without persistence): the owner's next
+    # write is refused by the fence, the account is taken again and listed again
+    await redis.delete(
+        "pt:risk:accounts", f"pt:risk:own:{account}", f"pt:risk:a:{account}:rate", f"pt:risk:a:{account}:open"
+    )
+    await _decide(a, request(account, sym, "1", limit="10"))  # decided from memory, write refused
+    await a.write_audit()
+
+    async def owned_again() -> bool:
+        d = await _decide(a, request(account, sym, "1", limit="10"))
+        await a.write_audit()
+        return d.decision == "approve" and await listed()
+
+    assert await _eventually(owned_again)
+    assert 3000 < await redis.ttl(f"pt:risk:a:{account}:rate") <= 3600

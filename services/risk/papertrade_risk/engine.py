@@ -75,6 +75,8 @@ FORWARD_TIMEOUT = 2.0
 IDLE_RELEASE = 60.0
 #: seconds between retries of a write-behind batch that failed (Redis unreachable)
 RETRY_FLUSH = 0.05
+#: seconds between refreshes of a rate bucket's expiry in Redis (it expires after an hour unused)
+RATE_TTL_REFRESH = 600.0
 #: decisions' audit records written per flush at most (more wait for the next flush)
 AUDIT_PER_FLUSH = 1_000
 #: audit records kept while Redis is unreachable (then the oldest are dropped)
@@ -120,6 +122,10 @@ class _Slot:
     w_rate: bool = False
     #: futures resolved once the changes above reached Redis
     w_waiters: list[asyncio.Future[str]] = field(default_factory=list)
+    #: a write of this lease reached Redis (the account is in the `accounts` set)
+    listed: bool = False
+    #: monotonic time until which the rate bucket's expiry needs no refresh
+    rate_ttl_until: float = 0.0
     #: `risk.ctl` changes that arrived while the state was being loaded
     ctl_limits: Limits | None = None
     ctl_kill: tuple[str | None] | None = None
@@ -559,6 +565,7 @@ class RiskChecker:
         if parsed is None:
             parsed = (AccountRiskState(), Limits())
         slot.state, slot.limits = parsed
+        slot.listed, slot.rate_ttl_until = False, 0.0
         slot.kill = snap.get("kill") or None
         rate = snap.get("rate")
         slot.bucket = None
@@ -718,6 +725,7 @@ class RiskChecker:
         self._flush_handle = None
         self._flush_due = False
         dirty, self._dirty = self._dirty, set()
+        now = time.monotonic()
         entries: list[dict[str, Any]] = []
         batch: list[_Written] = []
         for account in dirty:
@@ -725,6 +733,9 @@ class RiskChecker:
             if slot is None or slot.token is None or not slot.dirty:
                 continue
             rate = slot.bucket if slot.w_rate else None
+            refresh = rate is not None and now >= slot.rate_ttl_until
+            if refresh:
+                slot.rate_ttl_until = now + RATE_TTL_REFRESH
             entries.append(
                 {
                     "a": account,
@@ -735,6 +746,8 @@ class RiskChecker:
                     "seen": slot.w_seen,
                     "rn": f"{rate.tokens:.6f}" if rate is not None else "",
                     "rt": f"{rate.at:.6f}" if rate is not None else "",
+                    "rx": refresh,
+                    "new": not slot.listed,
                 }
             )
             batch.append(
@@ -795,6 +808,8 @@ class RiskChecker:
 
     def _written(self, w: _Written, status: str) -> None:
         if status == "ok":
+            if w.slot.token == w.token:
+                w.slot.listed = True
             for f in w.waiters:
                 _settle(f, "applied")
             return

@@ -124,9 +124,9 @@ for i = 2, #ARGV do
         for _, dk in ipairs(w.seen) do redis.call('SET', dk, '1', 'EX', 259200) end
         if w.rn ~= '' then
           redis.call('HSET', k(a, 'rate'), 'n', w.rn, 't', w.rt)
-          redis.call('EXPIRE', k(a, 'rate'), 3600)
+          if w.rx then redis.call('EXPIRE', k(a, 'rate'), 3600) end
         end
-        redis.call('SADD', P .. 'accounts', a)
+        if w.new then redis.call('SADD', P .. 'accounts', a) end
         st[n] = 'ok'
       end
     end
