@@ -239,8 +239,8 @@ class RiskChecker:
         _decision_counter(decision.decision, decision.rule or "").inc()
         if self._flush_due:
             self._flush()
-        elif self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(self.flush_interval, self._due)
+        else:
+            self._schedule_flush(self.flush_interval)
 
     async def write_audit(self) -> None:
         """Write the decisions recorded so far now (a read of the audit lists follows; a clean stop).
@@ -417,9 +417,6 @@ class RiskChecker:
 
     async def close(self) -> None:
         """Write what is pending, hand every lease back and deregister (a clean stop)."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
         self._flush()
         for account, slot in list(self.slots.items()):
             if slot.token is not None:
@@ -704,8 +701,12 @@ class RiskChecker:
 
     def _mark_dirty(self, account: str) -> None:
         self._dirty.add(account)
+        self._schedule_flush(self.flush_interval)
+
+    def _schedule_flush(self, delay: float) -> None:
+        """Make the write-behind due `delay` from now, unless it already is or will be."""
         if self._flush_handle is None and not self._flush_due:
-            self._flush_handle = asyncio.get_running_loop().call_later(self.flush_interval, self._due)
+            self._flush_handle = asyncio.get_running_loop().call_later(delay, self._due)
 
     def _due(self) -> None:
         """`flush_interval` after the first change: write behind once the next reply went out (`record`),
@@ -800,9 +801,8 @@ class RiskChecker:
                 )
             if not done.done():
                 done.set_result(ok)
-            if self.audit and self._flush_handle is None and not self._flush_due:
-                delay = self.flush_interval if ok else RETRY_FLUSH
-                self._flush_handle = asyncio.get_running_loop().call_later(delay, self._due)
+            if self.audit:
+                self._schedule_flush(self.flush_interval if ok else RETRY_FLUSH)
 
         self.batcher.submit(audit_item(records), cont)
 
