@@ -131,6 +131,65 @@ async def test_a_batch_is_two_round_trips_and_a_failed_one_leaves_no_transaction
     assert _coids(broker, account) == ["warm", "traced"]
 
 
+async def test_short_prices_are_read_beside_round_trip_1_once_the_account_is_known_short(
+    broker: Broker,
+) -> None:
+    """A short position counts at market value. The first batch of a short account reads its price
+    after round trip 1 (that is when the short is seen); the next batches read it while round trip 1
+    and risk are under way. A short closed since then is noticed: a read it no longer needs (even a
+    failed one) does not hold the batch up, and the account is no longer read for."""
+    account = UUID(broker.new_account()["id"])
+    _set_position(broker, account, "AAPL", "-5")
+    events: list[str] = []
+    seen: list[Mapping[str, Decimal]] = []
+    failing = False
+
+    async def screen(batch: Sequence[hotpath.NewOrder[Any, Any]]) -> list[BaseException | None]:
+        events.append("risk asked")
+        await asyncio.sleep(0.05)
+        events.append("risk answered")
+        return [None for _ in batch]
+
+    async def check(*args: Any) -> Decimal:
+        seen.append(dict(args[7]))
+        return Decimal(0)
+
+    async def prices(symbols: Sequence[str]) -> dict[str, Decimal]:
+        events.append(f"prices {','.join(symbols)}")
+        if failing:
+            raise ConnectionError("redis is down")
+        return {s: Decimal("42") for s in symbols}
+
+    async def route(item: hotpath.NewOrder[Any, Any], row: Mapping[str, Any]) -> None:
+        return None
+
+    pool = hotpath.new_pool(broker.database_url, 1)
+    await pool.open()
+    writer = hotpath.GroupCommit(
+        pool, screen=screen, check=check, prices=prices, release=lambda *_: None, route=route
+    )
+    writer.start()
+    try:
+        await asyncio.wait_for(writer.submit(_order(account, "first")), 30)
+        assert events == ["risk asked", "risk answered", "prices AAPL"]
+        events.clear()
+        await asyncio.wait_for(writer.submit(_order(account, "second")), 30)
+        assert events == ["risk asked", "prices AAPL", "risk answered"]
+        assert seen == [{"AAPL": Decimal("42")}] * 2
+        _set_position(broker, account, "AAPL", "0")
+        events.clear()
+        failing = True
+        answer = await asyncio.wait_for(writer.submit(_order(account, "closed")), 30)
+        assert isinstance(answer, Mapping) and answer["client_order_id"] == "closed"
+        events.clear()
+        await asyncio.wait_for(writer.submit(_order(account, "long only")), 30)
+        assert events == ["risk asked", "risk answered"]
+        assert seen[2:] == [{}, {}]
+    finally:
+        await writer.stop()
+        await pool.close()
+
+
 async def _writer(
     broker: Broker, released: list[tuple[str, str]], routed: list[str]
 ) -> tuple[hotpath.GroupCommit, Any]:
@@ -166,3 +225,13 @@ def _coids(broker: Broker, account: UUID) -> list[str]:
     with psycopg.connect(hotpath.libpq_url(broker.database_url)) as conn:
         rows = conn.execute("select client_order_id from orders where account_id = %s", (account,)).fetchall()
     return [r[0] for r in rows]
+
+
+def _set_position(broker: Broker, account: UUID, symbol: str, qty: str) -> None:
+    with psycopg.connect(hotpath.libpq_url(broker.database_url)) as conn:
+        conn.execute(
+            "insert into positions (account_id, symbol, qty, cost, realized_pl, updated_at) "
+            "values (%s, %s, %s, %s, 0, now()) on conflict (account_id, symbol) "
+            "do update set qty = excluded.qty, cost = excluded.cost",
+            (account, symbol, Decimal(qty), Decimal(qty) * 100),
+        )

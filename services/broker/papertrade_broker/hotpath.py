@@ -2,11 +2,12 @@
 
 SQLAlchemy (Core, async) stays the schema's and Alembic's, and serves the rarer routes. New orders
 are written by `GroupCommit`: the submits that arrive while a batch is in flight wait for the next
-one. One batch is one risk.check request (the array form, `papertrade.messages`) sent beside round
-trip 1 of one transaction (one query: BEGIN, take the accounts' advisory locks, read what open
-orders hold and the positions that matter in one statement); then round trip 2 (the INSERT and
-COMMIT), then the book commands. Each submit is answered after the commit that holds its order and
-after its command is on the wire.
+one. One batch is one risk.check request (the array form, `papertrade.messages`; sent first, its
+round trip is the longer) beside round trip 1 of one transaction (one query: BEGIN, take the
+accounts' advisory locks, read what open orders hold and the positions that matter in one statement)
+and, for accounts that were short at their last batch, the read of their short symbols' prices from
+Redis; then round trip 2 (the INSERT and COMMIT), then the book commands. Each submit is answered
+after the commit that holds its order and after its command is on the wire.
 
 The pool's connections prepare the statements when they open (`papertrade_broker.prepared`: SQL-level
 PREPARE, run by name in simple-protocol queries) and plan them once (`plan_cache_mode =
@@ -211,6 +212,9 @@ class GroupCommit:
         self._queue: asyncio.Queue[NewOrder[Any, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._busy = 0
+        #: the symbols each account was short in at its last batch: their prices are read beside
+        #: round trip 1 (a short found only then costs a read after it)
+        self._shorts: dict[UUID, frozenset[str]] = {}
 
     def start(self) -> None:
         self._tasks = [
@@ -252,6 +256,10 @@ class GroupCommit:
 
     async def _process(self, batch: list[NewOrder[Any, Any]]) -> None:
         screening = asyncio.ensure_future(self.screen(batch))
+        # Risk's round trip is the longer of the two that start here: its request goes out first (the
+        # task's first step queues it, nats-py's flusher writes it on the next turn of the loop).
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
         try:
             booked = await self._book(batch, screening)
         except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
@@ -297,6 +305,8 @@ class GroupCommit:
         #: a client_order_id taken earlier in this batch: answered once the first one is committed
         repeats: list[NewOrder[Any, Any]] = []
         inserted: set[UUID] = set()
+        early = sorted({s for a in ids for s in self._shorts.get(a, ())})
+        prefetch = _prefetch(self.prices(early)) if early else None
         async with self.pool.connection() as conn, prepared.transaction(conn):
             # Two round trips: BEGIN + the account locks + the read, the checks here, then the
             # INSERT + COMMIT.
@@ -319,8 +329,10 @@ class GroupCommit:
             if screening is not None:
                 _screened(batch, await screening)
             # Short positions count at market value: their prices, read once for the batch.
-            shorts = sorted({h[0] for rows_ in held.values() for h in rows_ if h[1].startswith("-")})
-            prices = await self.prices(shorts) if shorts else {}
+            shorts = self._short_symbols(ids, held)
+            prices = await prefetch if prefetch is not None and shorts else {}
+            if missing := sorted(shorts.difference(early)):
+                prices |= await self.prices(missing)
             coids: set[tuple[UUID, str]] = set()
             for item in batch:
                 if not item.approved:
@@ -371,6 +383,18 @@ class GroupCommit:
             self._duplicate(item)
         return booked
 
+    def _short_symbols(self, ids: Sequence[UUID], held: Mapping[UUID, list[list[str]]]) -> set[str]:
+        """The symbols the batch's accounts are short in (remembered per account for the next batch)."""
+        out: set[str] = set()
+        for account in ids:
+            short = frozenset(h[0] for h in held.get(account, ()) if h[1].startswith("-"))
+            if short:
+                self._shorts[account] = short
+                out |= short
+            else:
+                self._shorts.pop(account, None)
+        return out
+
     def _refuse(self, item: NewOrder[Any, Any], exc: BaseException) -> None:
         """An approved order the broker refuses: risk gets its reservation back."""
         self.release(item, _refusal(exc))
@@ -409,6 +433,14 @@ async def _screening_done(
         return False
     _screened(batch, screening.result())
     return True
+
+
+def _prefetch(read: Awaitable[dict[str, Decimal]]) -> asyncio.Future[dict[str, Decimal]]:
+    """A read started now, awaited only if needed: its failure is retrieved either way (not logged as
+    never retrieved when the batch no longer needs it)."""
+    fut = asyncio.ensure_future(read)
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return fut
 
 
 def _screened(batch: Sequence[NewOrder[Any, Any]], refusals: Sequence[BaseException | None]) -> None:
