@@ -48,7 +48,7 @@ from papertrade.accounts import LIQUIDITY_ACCOUNT_ID
 from papertrade.book import BookCommand, ExpireDayCmd, OpenBookCmd, OrderBook, QuoteCmd
 from papertrade.book.liquidity import LiquidityConfig, ladder, reconcile
 from papertrade.bus import subjects
-from papertrade.bus.streams import EX_CMD_STREAM, EX_EXEC_STREAM, ensure_streams
+from papertrade.bus.streams import EX_CMD_STREAM, EX_EXEC_STREAM, ack_refusal, ensure_streams
 from papertrade.codec import decode, encode
 from papertrade.enums import ExecType, Interval, OrderType, SelfTradePrevention, Side, TimeInForce
 from papertrade.errors import ValidationError
@@ -429,8 +429,7 @@ class Exchange:
         if n not in self._unacked:
             return  # late: its flush gave up on it and published it again
         self._unacked.discard(n)
-        status = msg.headers.get("Status") if msg.headers else None
-        if status or b'"error"' in msg.data:  # 503: no stream responded; else the stream's error
+        if ack_refusal(msg.headers, msg.data) is not None:
             self._refused.add(n)
         if not self._unacked:
             self._acked.set()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import orjson
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -62,6 +65,25 @@ async def ensure_streams(js: JetStreamContext, streams: tuple[StreamConfig, ...]
         except BadRequestError:
             # A field that cannot change on a live stream (e.g. storage): keep the existing stream.
             pass
+
+
+def ack_refusal(headers: Mapping[str, str] | None, data: bytes) -> str | None:
+    """Why JetStream did not store a published message, read from its ack; None: stored. A status
+    header is the server's (503: no stream takes the subject), an `error` object the stream's."""
+    if headers and (status := headers.get("Status")):
+        return "no stream takes the subject (status 503)" if status == "503" else f"status {status}"
+    if b'"error"' not in data:  # the usual ack: decoded only when it may hold an error
+        return None
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return f"unreadable ack: {data[:100]!r}"
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if error is None:
+        return None
+    if isinstance(error, dict):
+        return f"{error.get('description', 'error')} (code {error.get('err_code', error.get('code'))})"
+    return str(error)
 
 
 async def exec_consumer(js: JetStreamContext, durable: str) -> JetStreamContext.PullSubscription:
