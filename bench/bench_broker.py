@@ -518,8 +518,8 @@ async def _floors(ep: Endpoints) -> dict[str, Any]:
 
 
 class _CpuSampler:
-    """CPU of each service process (children included: the broker's ledger process) and of this load
-    generator between construction and `percent()` / `seconds()`."""
+    """CPU of each service process, of its child processes apart (the broker's ledger: `<name> (child
+    processes)`), and of this load generator between construction and `percent()` / `seconds()`."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
@@ -542,9 +542,10 @@ class _CpuSampler:
         return out
 
     def _all(self) -> dict[str, float]:
-        out = {name: self._cpu(p) for name, p in self.procs.items()}
-        for name, p in self.procs.items():  # the broker's ledger process, apart
-            kids = self._cpu(p) - self._cpu(p, children=False)
+        out: dict[str, float] = {}
+        for name, p in self.procs.items():  # each process alone, its children (the ledger) apart
+            out[name] = self._cpu(p, children=False)
+            kids = self._cpu(p) - out[name]
             if kids > 0:
                 out[f"{name} (child processes)"] = kids
         out["bench (clients)"] = self._cpu(psutil.Process(), children=False)
@@ -859,6 +860,24 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
         rows.append(row(f"CPU during load: {name}", round(value, 1), "% of a core", None, None))
     for name, value in f["load_cpu_ms_per_order"].items():
         rows.append(row(f"CPU per order during load: {name}", round(value, 3), "ms", None, None))
+    # Every process of the run once (a breakdown's parts carry a ":" and are in their whole).
+    total = sum(v for k, v in f["load_cpu_ms_per_order"].items() if ":" not in k)
+    cores = os.cpu_count() or 1
+    ceiling = 1000 * cores / total if total else None
+    rows.append(row("CPU per order during load: all processes", round(total, 3), "ms", None, None))
+    rows.append(
+        row(
+            f"orders/s that CPU per order allows on {cores} cores",
+            _round(ceiling, 0),
+            "orders/s",
+            "measured orders/s",
+            round(f["load_rps"], 1),
+        )
+    )
+    console.print(
+        f"all processes: {total:.2f} ms of CPU per order; {cores} cores carry at most "
+        f"{ceiling or 0:,.0f} orders/s at that cost (measured: {f['load_rps']:,.0f})"
+    )
     if f["load_error_samples"]:
         console.print("error samples:", f["load_error_samples"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
