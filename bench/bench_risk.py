@@ -47,6 +47,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "risk.json"
 FLOOR_SUBJECT = "bench.risk.floor"
@@ -241,14 +243,14 @@ async def _compare_latency(
 
 
 def _cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of a live process (Linux `/proc`); 0 if unknown."""
+    """User + system CPU seconds of a live process; 0 if unknown."""
     if pid is None:
         return 0.0
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return t.user + t.system
 
 
 def _stop_responder(proc: subprocess.Popen[str]) -> None:
