@@ -17,8 +17,8 @@ from sqlalchemy import MetaData, create_engine, text
 from papertrade.stack.infra import ensure_database
 
 
-def migrate(database_url: str, script_location: Path, version_table: str) -> None:
-    """Upgrade the database to head (blocking). Replicas racing here serialize on an advisory lock."""
+def migrate(database_url: str, script_location: Path, version_table: str, revision: str = "head") -> None:
+    """Upgrade the database to `revision` (blocking). Replicas racing here serialize on an advisory lock."""
     ensure_database(database_url)
     engine = create_engine(database_url, pool_pre_ping=True)
     lock_id = zlib.crc32(version_table.encode())
@@ -30,7 +30,7 @@ def migrate(database_url: str, script_location: Path, version_table: str) -> Non
             cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
             cfg.attributes["connection"] = conn
             cfg.attributes["version_table"] = version_table
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, revision)
     finally:
         engine.dispose()
 

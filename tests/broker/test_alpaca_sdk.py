@@ -261,6 +261,28 @@ def test_open_orders_hold_buying_power(broker: Broker) -> None:
     tc.cancel_orders()
 
 
+def test_replace_counts_what_the_replaced_order_holds_once(broker: Broker) -> None:
+    """1000 of cash, two buys holding 396 each: a replacement of one may use the 208 left plus the 396
+    it releases (604), not the other order's holdings too."""
+    tc = _client(broker, broker.new_account(cash="1000"))
+    first, _ = (
+        tc.submit_order(
+            LimitOrderRequest(
+                symbol="AAPL", qty=4, side=OrderSide.BUY, time_in_force=TimeInForce.GTC, limit_price=99
+            )
+        )
+        for _ in range(2)
+    )
+    _status(tc, first.id, OrderStatus.NEW)
+    with pytest.raises(APIError) as err:  # 693 > 604
+        tc.replace_order_by_id(first.id, ReplaceOrderRequest(qty=7))
+    assert err.value.status_code == 403 and "available: 604)" in err.value.message
+    new = tc.replace_order_by_id(first.id, ReplaceOrderRequest(qty=6))  # 594 fits
+    _status(tc, new.id, OrderStatus.NEW)
+    assert Decimal(tc.get_account().buying_power) == Decimal(1000 - 594 - 396)
+    tc.cancel_orders()
+
+
 def test_shorting_disabled_refuses_naked_sell(broker: Broker) -> None:
     tc = _client(broker, broker.new_account(cash="10000", shorting_enabled=False))
     with pytest.raises(APIError) as err:

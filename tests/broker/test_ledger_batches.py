@@ -35,6 +35,7 @@ from papertrade_broker.consumer import LedgerConsumer
 from papertrade_broker.settings import BrokerSettings
 from papertrade_broker.tables import accounts, orders
 from papertrade_broker.views import OrderViews, order_view
+from tests.broker.holds import check_holds
 
 D = Decimal
 SYMBOL = "LEDG"
@@ -204,6 +205,82 @@ async def test_batch_spanning_many_accounts(
         assert pos == (want.qty, want.cost, want.realized_pl) or (pos is None and want.qty == 0)
 
 
+async def test_order_holds_follow_every_report_kind(
+    consumer: LedgerConsumer, db: psycopg.Connection[Any], ledger_db: str
+) -> None:
+    """What open orders hold (`order_holds`, kept by triggers) stays their sum through random batches of
+    accepts, partial and whole fills, cancels, expiries, rejects, replaces and refused replaces, with
+    orders by quantity and by notional, and reports about orders already final."""
+    rng = random.Random(17)
+    accts = _accounts(ledger_db, 3)
+    known: list[tuple[UUID, UUID, Side]] = []
+    now = datetime.now(UTC)
+    for round_ in range(10):
+        reports: list[ExecReport] = []
+        for a in accts:
+            specs = [
+                (rng.choice([Side.BUY, Side.SELL]), D(rng.randint(1, 20)), D(rng.randint(50, 150)))
+                for _ in range(4)
+            ]
+            for oid, (side, _, _) in zip(_orders(ledger_db, a, specs), specs, strict=True):
+                known.append((oid, a, side))
+                reports.append(_report(ExecType.ACCEPTED, oid, a, side))
+            (by_notional,) = _orders(
+                ledger_db,
+                a,
+                [(Side.BUY, D(0), D(0))],
+                qty=None,
+                notional=D("500"),
+                reserved=D("500"),
+                type="market",
+                time_in_force="day",
+            )
+            known.append((by_notional, a, Side.BUY))
+        for n in range(40):
+            oid, a, side = rng.choice(known)
+            kind = rng.choice(["fill", "fill", "fill", "cancel", "expire", "reject", "replace", "unreplace"])
+            if kind == "fill":
+                qty = D(rng.randint(1, 6))
+                reports.append(
+                    _fill(
+                        oid,
+                        a,
+                        side,
+                        str(qty),
+                        str(rng.randint(60, 140)),
+                        f"H{round_}-{n}",
+                        leaves=None if rng.random() < 0.8 else "0",
+                    )
+                )
+            elif kind in ("cancel", "expire"):
+                reports.append(
+                    _report(
+                        ExecType.CANCELED if kind == "cancel" else ExecType.EXPIRED, oid, a, side, reason=kind
+                    )
+                )
+            elif kind == "reject":
+                reports.append(_report(ExecType.REJECTED, oid, a, side, reason="refused", command="new"))
+            else:
+                (new,) = _orders(
+                    ledger_db, a, [(side, D(rng.randint(5, 25)), D(100))], replaces=oid, created_at=now
+                )
+                db.execute("UPDATE orders SET replaced_by = %s WHERE id = %s", (new, oid))
+                known.append((new, a, side))
+                if kind == "replace":
+                    reports.append(_report(ExecType.REPLACED, oid, a, side, new_order_id=new))
+                else:
+                    reports.append(
+                        _report(ExecType.REJECTED, oid, a, side, reason="too late", command="replace")
+                    )
+        await consumer._apply(reports)
+        for a in accts:
+            _check_invariant(db, a)
+    statuses = {
+        r[0] for r in db.execute("SELECT DISTINCT status FROM orders WHERE account_id = ANY(%s)", (accts,))
+    }
+    assert {"new", "partially_filled", "filled", "canceled", "expired", "rejected", "replaced"} <= statuses
+
+
 async def test_stream_with_poison_and_redelivery(
     consumer: LedgerConsumer, db: psycopg.Connection[Any], ledger_db: str, settings: BrokerSettings
 ) -> None:
@@ -294,7 +371,10 @@ def _accounts(database_url: str, n: int, commission: dict[str, Any] | None = Non
     return ids
 
 
-def _orders(database_url: str, acct: UUID, specs: list[tuple[Side, Decimal, Decimal]]) -> list[UUID]:
+def _orders(
+    database_url: str, acct: UUID, specs: list[tuple[Side, Decimal, Decimal]], **extra: Any
+) -> list[UUID]:
+    """Open limit orders of `acct` (`extra`: more columns of each row)."""
     now = datetime.now(UTC)
     rows = [
         {
@@ -313,6 +393,7 @@ def _orders(database_url: str, acct: UUID, specs: list[tuple[Side, Decimal, Deci
             "created_at": now,
             "updated_at": now,
             "submitted_at": now,
+            **extra,
         }
         for side, qty, price in specs
     ]
@@ -373,7 +454,9 @@ def _snapshot(db: psycopg.Connection[Any], acct: UUID) -> dict[str, Any]:
 
 
 def _check_invariant(db: psycopg.Connection[Any], acct: UUID) -> None:
-    """cash + sum(position cost) = starting cash - fees + realised P&L, exactly; qty = sum of fills."""
+    """cash + sum(position cost) = starting cash - fees + realised P&L, exactly; qty = sum of fills;
+    what `order_holds` says the open orders hold is what they hold."""
+    check_holds(db, acct)
     cash, start, fees, realized = (
         db.execute(
             "SELECT cash, starting_cash, fees, realized_pl FROM accounts WHERE id = %s", (acct,)

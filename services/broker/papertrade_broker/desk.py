@@ -25,7 +25,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
-from sqlalchemy import Text, and_, cast, func, insert, or_, select, text, update
+from sqlalchemy import Text, cast, func, insert, or_, select, text, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -45,13 +45,12 @@ from papertrade.timeutil import utcnow
 from papertrade_broker import auth, hotpath
 from papertrade_broker.market import Market
 from papertrade_broker.requests import AccountRequest, OrderRequest, ReplaceRequest
-from papertrade_broker.tables import accounts, api_keys, orders, positions
+from papertrade_broker.tables import OPEN_STATUSES, accounts, api_keys, order_holds, orders, positions
 from papertrade_broker.views import order_view
 
 _E = TypeVar("_E", Side, OrderType, TimeInForce)
 _log = structlog.get_logger("papertrade_broker.desk")
 
-OPEN_STATUSES = tuple(s.value for s in OrderStatus if s.is_open)
 #: Market orders hold buying power at the latest price times this (the fill may walk the book).
 MARKET_BUFFER = Decimal("1.0")
 #: Seconds to wait for JetStream's ack of a new order's command before the order is rejected.
@@ -478,8 +477,8 @@ class Desk:
             row = (await conn.execute(select(accounts).where(accounts.c.id == account_id))).mappings().one()
             reserved = (
                 await conn.execute(
-                    select(func.coalesce(func.sum(orders.c.reserved), 0)).where(
-                        orders.c.account_id == account_id, orders.c.status.in_(OPEN_STATUSES)
+                    select(func.coalesce(func.sum(order_holds.c.reserved), 0)).where(
+                        order_holds.c.account_id == account_id
                     )
                 )
             ).scalar_one()
@@ -743,9 +742,7 @@ class Desk:
                     spec.all_or_none,
                     spec.extended_hours,
                 )
-                reserved = await self._check_buying_power(
-                    conn, acct, remaining, ref_price, released=locked["reserved"], exclude=old["id"]
-                )
+                reserved = await self._check_buying_power(conn, acct, remaining, ref_price, replaced=locked)
                 row = (
                     (
                         await conn.execute(
@@ -796,22 +793,15 @@ class Desk:
         spec: OrderSpec,
         ref_price: Decimal,
         *,
-        released: Decimal,
-        exclude: UUID | None = None,
+        replaced: RowMapping,
     ) -> Decimal:
-        """Lock the account, check the order fits; returns the buying power it reserves."""
-        open_filter = and_(orders.c.account_id == acct.id, orders.c.status.in_(OPEN_STATUSES))
-        if exclude is not None:
-            open_filter = and_(open_filter, orders.c.id != exclude)
-        same_side = and_(
-            orders.c.symbol == spec.symbol, orders.c.side == spec.side.value, orders.c.qty.is_not(None)
-        )
-        reserved_q = (
-            select(func.coalesce(func.sum(orders.c.reserved), 0)).where(open_filter).scalar_subquery()
-        )
+        """Lock the account, check that the replacement `spec` fits once `replaced` (an open order of
+        the same symbol and side, locked) holds nothing; returns the buying power it reserves."""
+        mine = order_holds.c.account_id == acct.id
+        reserved_q = select(func.coalesce(func.sum(order_holds.c.reserved), 0)).where(mine).scalar_subquery()
         same_q = (
-            select(func.coalesce(func.sum(orders.c.qty - orders.c.filled_qty), 0))
-            .where(open_filter, same_side)
+            select(func.coalesce(func.sum(order_holds.c.open_qty), 0))
+            .where(mine, order_holds.c.symbol == spec.symbol, order_holds.c.side == spec.side.value)
             .scalar_subquery()
         )
         held_q = (
@@ -835,8 +825,19 @@ class Desk:
                 .with_for_update(of=accounts)
             )
         ).one()
+        # What the replaced order holds is counted in `order_holds` until the book replaces it.
+        replaced_open = (
+            (replaced["qty"] or ZERO) - replaced["filled_qty"] if replaced["qty"] is not None else ZERO
+        )
         return await self._needed_buying_power(
-            acct, spec, ref_price, released, row[0], row[1], row[2], row[3]
+            acct,
+            spec,
+            ref_price,
+            replaced["reserved"],
+            row[0],
+            row[1],
+            Decimal(row[2]) - replaced_open,
+            row[3],
         )
 
     async def _needed_buying_power(

@@ -33,14 +33,10 @@ from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.engine import make_url
 
 from papertrade import codec
-from papertrade.enums import OrderStatus
 from papertrade.money import ZERO
 from papertrade_broker import prepared
 from papertrade_broker.prepared import Statement
 
-OPEN_STATUSES = [s.value for s in OrderStatus if s.is_open]
-#: The open statuses inlined (not a parameter), so that the partial index `ix_orders_open` serves.
-_OPEN_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(OPEN_STATUSES)) + ")"
 _log = structlog.get_logger("papertrade_broker.hotpath")
 
 _COLUMNS = (
@@ -102,20 +98,17 @@ LOCK_ACCOUNTS = Statement(
 )
 #: What the batch's accounts hold, in ONE statement (one snapshot, taken after the locks: the ledger
 #: commits cash, positions and order holdings together, so any snapshot is consistent): cash, what
-#: open orders reserve, the open quantity per symbol and side of the batch's symbols, and the
-#: positions that matter (the batch's symbols, and every short).
+#: open orders reserve and their open quantity per side of the batch's symbols (`order_holds`: a few
+#: rows per account, however many orders are open), and the positions that matter (the batch's
+#: symbols, and every short).
 ACCOUNT_STATE = Statement(
     "pt_account_state",
     ("uuid[]", "text[]"),
-    f"""
+    """
 SELECT a.id, a.cash,
-  (SELECT coalesce(sum(o.reserved), 0) FROM orders o
-    WHERE o.account_id = a.id AND o.status IN {_OPEN_SQL}) AS reserved,
-  (SELECT json_agg(json_build_array(q.symbol, q.side, q.open_qty::text)) FROM (
-    SELECT o.symbol, o.side, sum(o.qty - o.filled_qty) AS open_qty FROM orders o
-    WHERE o.account_id = a.id AND o.status IN {_OPEN_SQL} AND o.symbol = ANY($2)
-      AND o.qty IS NOT NULL
-    GROUP BY o.symbol, o.side) q) AS same_side,
+  (SELECT coalesce(sum(h.reserved), 0) FROM order_holds h WHERE h.account_id = a.id) AS reserved,
+  (SELECT json_agg(json_build_array(h.symbol, h.side, h.open_qty::text)) FROM order_holds h
+    WHERE h.account_id = a.id AND h.symbol = ANY($2) AND h.open_qty <> 0) AS same_side,
   (SELECT json_agg(json_build_array(p.symbol, p.qty::text)) FROM positions p
     WHERE p.account_id = a.id AND (p.symbol = ANY($2) OR p.qty < 0)) AS held
 FROM accounts a WHERE a.id = ANY($1)

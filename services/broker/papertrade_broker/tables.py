@@ -20,6 +20,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
+from papertrade.enums import OrderStatus
+
+#: The statuses of an order that still works (or may) at the book.
+OPEN_STATUSES = tuple(sorted(s.value for s in OrderStatus if s.is_open))
+#: The same as an SQL list, `('accepted', ...)`: inlined in statements (not a parameter), so that the
+#: partial index `ix_orders_open` serves them.
+OPEN_SQL = "(" + ", ".join(f"'{s}'" for s in OPEN_STATUSES) + ")"
+
 metadata = MetaData()
 
 accounts = Table(
@@ -93,10 +101,22 @@ orders = Table(
         "ix_orders_open",
         "account_id",
         "symbol",
-        postgresql_where=text(
-            "status IN ('new','accepted','pending_new','partially_filled','pending_cancel')"
-        ),
+        postgresql_where=text(f"status IN {OPEN_SQL}"),
     ),
+)
+
+#: What an account's open orders hold, per symbol and side: the sum of their `reserved` (buying
+#: power) and of their open quantity (`qty - filled_qty`; orders by notional count none). Kept by
+#: triggers on `orders` (`order_holds_sql`) in the transaction that changes an order, whoever changes
+#: it, so a submit reads a few rows instead of summing every open order of its account.
+order_holds = Table(
+    "order_holds",
+    metadata,
+    Column("account_id", UUID(as_uuid=True), ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True),
+    Column("symbol", String(32), primary_key=True),
+    Column("side", String(8), primary_key=True),
+    Column("reserved", Numeric, nullable=False, server_default=text("0")),
+    Column("open_qty", Numeric, nullable=False, server_default=text("0")),
 )
 
 executions = Table(
@@ -143,4 +163,64 @@ ledger_dead_letters = Table(
     Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
 )
 
-__all__ = ["accounts", "api_keys", "executions", "ledger_dead_letters", "metadata", "orders", "positions"]
+
+def order_holds_sql() -> list[str]:
+    """The statements that keep `order_holds`: statement-level triggers on `orders` (one upsert per
+    statement, whatever its number of rows) adding the new rows' holdings and taking away the old
+    rows'. An order holds `reserved` and its open quantity while its status is open, nothing after.
+    Rows are written in key order, so two transactions never wait on each other's rows in a cycle."""
+    holds = f"""
+      SELECT account_id, symbol, side, reserved, coalesce(qty - filled_qty, 0) AS open_qty
+      FROM {{rows}} WHERE status IN {OPEN_SQL}"""
+    upsert = """
+  INSERT INTO order_holds AS h (account_id, symbol, side, reserved, open_qty)
+  SELECT account_id, symbol, side, sum(reserved), sum(open_qty) FROM ({deltas}) AS d
+  GROUP BY account_id, symbol, side HAVING sum(reserved) <> 0 OR sum(open_qty) <> 0
+  ORDER BY account_id, symbol, side
+  ON CONFLICT (account_id, symbol, side) DO UPDATE
+    SET reserved = h.reserved + EXCLUDED.reserved, open_qty = h.open_qty + EXCLUDED.open_qty;"""
+    minus = holds.format(rows="old_orders").replace(
+        "reserved, coalesce(qty - filled_qty, 0)", "-reserved, -coalesce(qty - filled_qty, 0)"
+    )
+    bodies = {
+        "insert": upsert.format(deltas=holds.format(rows="new_orders")),
+        "update": upsert.format(deltas=holds.format(rows="new_orders") + "\n      UNION ALL" + minus),
+        # Deleted only with their account (the holdings' rows go with it): no upsert, no new row.
+        "delete": f"""
+  UPDATE order_holds AS h SET reserved = h.reserved - d.reserved, open_qty = h.open_qty - d.open_qty
+  FROM (SELECT account_id, symbol, side, sum(reserved) AS reserved, sum(open_qty) AS open_qty
+        FROM ({holds.format(rows="old_orders")}) AS o GROUP BY account_id, symbol, side) AS d
+  WHERE h.account_id = d.account_id AND h.symbol = d.symbol AND h.side = d.side;""",
+    }
+    tables = {
+        "insert": "NEW TABLE AS new_orders",
+        "update": "OLD TABLE AS old_orders NEW TABLE AS new_orders",
+        "delete": "OLD TABLE AS old_orders",
+    }
+    out: list[str] = []
+    for event, body in bodies.items():
+        out.append(
+            f"CREATE OR REPLACE FUNCTION order_holds_{event}() RETURNS trigger LANGUAGE plpgsql AS $$\n"
+            f"BEGIN{body}\n  RETURN NULL;\nEND $$"
+        )
+        out.append(f"DROP TRIGGER IF EXISTS orders_holds_{event} ON orders")
+        out.append(
+            f"CREATE TRIGGER orders_holds_{event} AFTER {event.upper()} ON orders "
+            f"REFERENCING {tables[event]} FOR EACH STATEMENT EXECUTE FUNCTION order_holds_{event}()"
+        )
+    return out
+
+
+__all__ = [
+    "OPEN_SQL",
+    "OPEN_STATUSES",
+    "accounts",
+    "api_keys",
+    "executions",
+    "ledger_dead_letters",
+    "metadata",
+    "order_holds",
+    "order_holds_sql",
+    "orders",
+    "positions",
+]
