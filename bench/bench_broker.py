@@ -89,6 +89,12 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--single", type=int, default=1000, help="sequential orders for the latency figures")
     parser.add_argument(
+        "--resting",
+        type=int,
+        default=0,
+        help="open orders the single-order accounts hold (far from the price) before their figures",
+    )
+    parser.add_argument(
         "--loadgen",
         choices=("auto", "wrk", "aiohttp"),
         default="auto",
@@ -128,6 +134,7 @@ def main() -> int:
                     args.clients,
                     seconds,
                     args.single,
+                    args.resting,
                     console,
                     pids,
                     loadgen,
@@ -150,6 +157,7 @@ async def _run(
     clients: int,
     seconds: float,
     single: int,
+    resting: int,
     console: Console,
     pids: dict[str, int],
     loadgen: str,
@@ -157,7 +165,10 @@ async def _run(
     accounts = _accounts(url, clients + 2)
     observer = _Observer({a["id"] for a in accounts})
     await observer.start(ep.nats_url)
-    figures: dict[str, Any] = {}
+    figures: dict[str, Any] = {"resting": resting}
+    if resting:
+        console.print(f"resting orders: {resting} open orders on the single-order accounts ...")
+        await _rest(url, accounts[0], accounts[1], resting)
     console.print(f"single-order latency: {single} sequential orders ...")
     figures |= await _single(url, accounts[0], accounts[1], observer, single)
     console.print(f"load: {clients} clients ({loadgen}) for {seconds:g} s ...")
@@ -223,6 +234,23 @@ async def _sequential(
                 ack.append(t1 - t0)
                 sent[orjson.loads(data)["id"]] = t0
     return ack, sent
+
+
+async def _rest(url: str, buyer: dict[str, Any], seller: dict[str, Any], n: int) -> None:
+    """`n` open orders, half each: buys of `buyer` at half the price, sells of `seller` at 1.5 times it
+    (they never cross: the single orders' submit cost with an account's open orders)."""
+    far = {"buy": str(int(PRICE) // 2), "sell": str(int(PRICE) * 3 // 2)}
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        acct, side = (buyer, "buy") if i % 2 == 0 else (seller, "sell")
+        body = _order_body(side) | {"limit_price": far[side]}
+        async with session.post(f"{url}/v2/orders", data=orjson.dumps(body), headers=_headers(acct)) as r:
+            if r.status != 200:
+                raise RuntimeError(f"resting order failed: {r.status} {(await r.read())[:200]!r}")
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as session:
+        for start in range(0, n, 16):
+            await asyncio.gather(*(one(session, i) for i in range(start, min(start + 16, n))))
 
 
 @contextlib.contextmanager
@@ -744,16 +772,17 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
     def ms(v: float | None) -> float | None:
         return None if v is None else round(v * 1000, 3)
 
+    held = f" (accounts holding {f['resting']} open orders)" if f.get("resting") else ""
     rows: list[dict[str, Any]] = [
         row(
-            "single order submit-to-ack p50",
+            f"single order submit-to-ack p50{held}",
             ms(f["single_ack_p50"]),
             "ms",
             "HTTP floor p50, this run",
             ms(f["floor_http_p50"]),
         ),
         row(
-            "single order submit-to-ack p99",
+            f"single order submit-to-ack p99{held}",
             ms(f["single_ack_p99"]),
             "ms",
             "HTTP floor p99, this run",
