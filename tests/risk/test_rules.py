@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -317,6 +318,44 @@ def test_replace_does_not_count_the_replaced_order() -> None:
     reserve_for(s, o1, check(o1, Limits(max_position_qty=500), s, MARKS), MARKS)
     o2 = order("500", replaces=o1.order_id)
     assert check(o2, Limits(max_position_qty=500), s, MARKS).decision == "approve"
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_a_replace_is_decided_as_if_the_replaced_order_were_gone(seed: int) -> None:
+    """The rules take the replaced order off its symbol's worst range (no copy of the state): the same
+    decisions as on a state from which it was released, with or without marks, clipping, on either
+    side, and when the replacement names another symbol."""
+    rng = random.Random(seed)
+    s = AccountRiskState()
+    for _ in range(rng.randint(0, 3)):
+        s.apply_exec(
+            fill(rng.choice(["AAPL", "MSFT"]), rng.choice(list(Side)), str(rng.randint(1, 300)), "90")
+        )
+    ids = []
+    for _ in range(rng.randint(1, 6)):
+        oid = str(uuid.uuid4())
+        price = None if rng.random() < 0.3 else D(rng.randint(80, 120))
+        s.reserve(
+            oid,
+            rng.choice(["AAPL", "AAPL", "MSFT"]),
+            rng.choice(list(Side)),
+            D(rng.randint(1, 400)),
+            price,
+            None,
+        )
+        ids.append(oid)
+    old = rng.choice(ids)
+    symbol = s.open_orders[old].symbol if rng.random() < 0.85 else "TSLA"
+    new = order(str(rng.randint(1, 600)), side=rng.choice(list(Side)), symbol=symbol, replaces=uuid.UUID(old))
+    limits = Limits(
+        max_position_qty=D(rng.randint(100, 800)),
+        max_gross_exposure=D(rng.randint(10_000, 120_000)) if rng.random() < 0.8 else None,
+        clip_to_limits=rng.random() < 0.5,
+    )
+    marks = {k: v for k, v in MARKS.items() if rng.random() < 0.6}
+    without = s.copy()
+    without.release(old)
+    assert check(new, limits, s, marks) == check(new, limits, without, marks)
 
 
 def test_position_average_and_flip() -> None:

@@ -179,13 +179,23 @@ def _quantity_caps(
                 max_notional / price,
             )
 
-    if order.replaces is not None and str(order.replaces) in state.open_orders:
+    # The order it replaces counts no more: taken off this symbol's worst range (not a copy of the
+    # state without it: that cost grew with the account's open orders).
+    replaced = state.open_orders.get(str(order.replaces)) if order.replaces is not None else None
+    if replaced is not None and replaced.symbol != symbol:
         state = state.copy()
         state.release(str(order.replaces))
+        replaced = None
+
+    def worst_range() -> tuple[Decimal, Decimal]:
+        long, short = state.worst_range(symbol)
+        if replaced is None:
+            return long, short
+        return (long - replaced.qty, short) if replaced.side is Side.BUY else (long, short + replaced.qty)
 
     max_pos = limits.max_position_qty
     if max_pos is not None:
-        long, short = state.worst_range(symbol)
+        long, short = worst_range()
         if order.side is Side.BUY:
             after, cap = long + qty, max_pos - long
             if after > max_pos:
@@ -205,11 +215,11 @@ def _quantity_caps(
 
     max_gross = limits.max_gross_exposure
     if max_gross is not None:
-        sym_price = marks.get(symbol) or price or state.price_of(symbol, marks)
+        sym_price = marks.get(symbol) or price or state.price_of(symbol, marks, skip=replaced)
         if sym_price is None or sym_price <= 0:
             return reject("max_gross_exposure", f"max_gross_exposure: no reference price for {symbol}")
         others = state.gross_exposure(marks, exclude=symbol)
-        long, short = state.worst_range(symbol)
+        long, short = worst_range()
         before = max(abs(long), abs(short))
         if order.side is Side.BUY:
             long += qty

@@ -139,8 +139,11 @@ class AccountRiskState:
     def realised_on(self, day: date) -> Decimal:
         return self.realised if self.day == day else ZERO
 
-    def price_of(self, symbol: str, marks: Mapping[str, Decimal]) -> Decimal | None:
-        """The price exposure is valued at: the mark, else the average entry, else an open order's price."""
+    def price_of(
+        self, symbol: str, marks: Mapping[str, Decimal], skip: OpenOrder | None = None
+    ) -> Decimal | None:
+        """The price exposure is valued at: the mark, else the average entry, else an open order's
+        price (not `skip`'s)."""
         mark = marks.get(symbol)
         if mark is not None:
             return mark
@@ -148,7 +151,7 @@ class AccountRiskState:
         if pos is not None and pos.qty != 0 and pos.avg != 0:
             return pos.avg
         for o in self.open_orders.values():
-            if o.symbol == symbol and o.price is not None:
+            if o.symbol == symbol and o.price is not None and o is not skip:
                 return o.price
         return None
 
