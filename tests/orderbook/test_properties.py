@@ -37,12 +37,18 @@ _op = st.one_of(
 )
 
 
-def _run(ops: list[tuple[Any, ...]], check: bool, engine: Any = E.Book) -> list[tuple[Any, ...]]:
+def _run(
+    ops: list[tuple[Any, ...]], check: bool, engine: Any = E.Book, scan_stops: bool = False
+) -> list[tuple[Any, ...]]:
+    """The events of `ops` on a new book; `scan_stops`: the stops' bounds opened before every command,
+    so that every check of the stops scans them all (as the engine did before it kept bounds)."""
     book = engine()
     ledger: dict[Any, int] = defaultdict(int)
     next_id = 0
     trace: list[tuple[Any, ...]] = []
     for op in ops:
+        if scan_stops:
+            book._buy_stop_floor, book._sell_stop_ceiling = 0, E._INF
         if op[0] == "new":
             _, side, kind, lots, tick, stop, tif, aon, stp, acct = op
             next_id += 1
@@ -122,6 +128,12 @@ def test_invariants_hold_after_every_call(name: str, ops: list[tuple[Any, ...]])
 @given(st.lists(_op, min_size=1, max_size=60))
 def test_same_commands_same_events(ops: list[tuple[Any, ...]]) -> None:
     assert _run(ops, check=False) == _run(ops, check=False)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_op, min_size=1, max_size=80))
+def test_the_stops_bounds_skip_only_scans_that_would_fire_nothing(ops: list[tuple[Any, ...]]) -> None:
+    assert _run(ops, check=False) == _run(ops, check=False, scan_stops=True)
 
 
 @settings(max_examples=300, deadline=None)

@@ -42,6 +42,9 @@ except ImportError:  # pragma: no cover  # the pure engine without the build too
 # sides
 BUY: Final = 0
 SELL: Final = 1
+#: The stops' bounds when there is no buy stop / no sell stop (ticks are positive and far below).
+_NO_STOP_FLOOR: Final = 1 << 60
+_NO_STOP_CEILING: Final = -1
 # order kinds
 MARKET: Final = 0
 LIMIT: Final = 1
@@ -163,8 +166,10 @@ class Book:
         "_bid_keys",
         "_bid_lvls",
         "_bids",
+        "_buy_stop_floor",
         "_exec_no",
         "_orders",
+        "_sell_stop_ceiling",
         "_stop_killed",
         "_stops",
         "events",
@@ -182,6 +187,12 @@ class Book:
         self._ask_lvls: list[Level] = []
         self._orders: dict[Any, Order] = {}  # resting orders by id
         self._stops: dict[Any, Order] = {}  # dormant stops by id, in entry order
+        # Bounds of the dormant stops' ticks: no buy stop below the floor, no sell stop above the
+        # ceiling (maybe looser: a stop that left does not move them; a scan that fires nothing makes
+        # them exact). While the last trade is strictly between them no stop can fire, and checking
+        # costs nothing however many stops rest.
+        self._buy_stop_floor = _NO_STOP_FLOOR
+        self._sell_stop_ceiling = _NO_STOP_CEILING
         self._exec_no = 0
         self._stop_killed = False
         self.events: list[Event] = []
@@ -324,7 +335,7 @@ class Book:
         if kind >= STOP:
             last = self.last_tick
             if last is None or not (last >= stop_tick if side == BUY else last <= stop_tick):  # type: ignore[operator]
-                self._stops[oid] = rec
+                self._add_stop(rec)
                 return
             self.events.append((EV_TRIGGERED, rec, lots))
         self._execute(rec)
@@ -446,7 +457,7 @@ class Book:
             last = self.last_tick
             side = new.side
             if last is None or not (last >= new_stop if side == BUY else last <= new_stop):  # type: ignore[operator]
-                self._stops[new_oid] = new
+                self._add_stop(new)
                 return True
             events.append((EV_TRIGGERED, new, new.leaves))
         self._execute(new)
@@ -510,8 +521,7 @@ class Book:
             keys, lvls = (book._bid_keys, book._bid_lvls) if buy else (book._ask_keys, book._ask_lvls)
             _insert_level(keys, lvls, tick if buy else -tick, level)
         for f in data["stops"]:
-            rec = Order(*f)
-            book._stops[rec.oid] = rec
+            book._add_stop(Order(*f))
         book.last_tick = data["last_tick"]
         book._exec_no = data["exec_no"]
         return book
@@ -801,11 +811,21 @@ class Book:
         self._stop_killed = False
         self.events.append((EV_CANCELED, rec, reason, leaves))
 
+    def _add_stop(self, rec: Order) -> None:
+        """A dormant stop, last in entry order."""
+        self._stops[rec.oid] = rec
+        stop: int = rec.stop  # type: ignore[assignment]
+        if rec.side == BUY:
+            if stop < self._buy_stop_floor:
+                self._buy_stop_floor = stop
+        elif stop > self._sell_stop_ceiling:
+            self._sell_stop_ceiling = stop
+
     def _fire_stops(self) -> None:
         """Trigger every stop whose condition holds on the last trade, in entry order, until none does."""
         while self._stops:
             last = self.last_tick
-            if last is None:
+            if last is None or self._sell_stop_ceiling < last < self._buy_stop_floor:
                 return
             fired = [
                 r
@@ -813,12 +833,26 @@ class Book:
                 if (last >= r.stop if r.side == BUY else last <= r.stop)  # type: ignore[operator]
             ]
             if not fired:
+                self._stop_bounds()
                 return
             for rec in fired:
                 del self._stops[rec.oid]
             for rec in fired:
                 self.events.append((EV_TRIGGERED, rec, rec.leaves))
                 self._execute(rec)
+
+    def _stop_bounds(self) -> None:
+        """Make the stops' bounds exact (`_buy_stop_floor`, `_sell_stop_ceiling`)."""
+        floor, ceiling = _NO_STOP_FLOOR, _NO_STOP_CEILING
+        for r in self._stops.values():
+            stop: int = r.stop  # type: ignore[assignment]
+            if r.side == BUY:
+                if stop < floor:
+                    floor = stop
+            elif stop > ceiling:
+                ceiling = stop
+        self._buy_stop_floor = floor
+        self._sell_stop_ceiling = ceiling
 
     def _walk(self, side: int, lk: int) -> list[Level]:
         """The levels of the side opposite to `side` that `lk` reaches, best first."""
