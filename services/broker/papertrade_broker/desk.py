@@ -826,9 +826,7 @@ class Desk:
             )
         ).one()
         # What the replaced order holds is counted in `order_holds` until the book replaces it.
-        replaced_open = (
-            (replaced["qty"] or ZERO) - replaced["filled_qty"] if replaced["qty"] is not None else ZERO
-        )
+        replaced_open = replaced["qty"] - replaced["filled_qty"] if replaced["qty"] is not None else ZERO
         return await self._needed_buying_power(
             acct,
             spec,
