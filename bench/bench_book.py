@@ -1,6 +1,6 @@
 """Benchmark of the matching engine against the shared baseline book, in the same run.
 
-    .venv/bin/python bench/bench_book.py [--runs 5] [--n 200000] [--rss-orders 1000000]
+    .venv/bin/python bench/bench_book.py [--runs 5] [--n 200000] [--rss-orders 1000000] [--dormant-stops N]
 
 - Workload: /work/shared/bench/workload.py `generate()` (200,000 seeded ops: 60% passive limits,
   25% aggressive limits, 10% market, 5% cancels), prices converted to integer ticks once for both.
@@ -54,7 +54,7 @@ from baseline_book import Book as BaselineBook  # noqa: E402
 from workload import generate  # noqa: E402
 
 from papertrade.book import OrderBook  # noqa: E402
-from papertrade.book.engine import CANCEL_NEWEST, GTC, Book  # noqa: E402
+from papertrade.book.engine import BUY, CANCEL_NEWEST, GTC, STOP, STP_NONE, Book  # noqa: E402
 from papertrade.book.native import native_book  # noqa: E402
 from papertrade.enums import OrderType, Side, TimeInForce  # noqa: E402
 from papertrade.messages import CancelCmd, NewOrderCmd  # noqa: E402
@@ -74,6 +74,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--rss-orders", type=int, default=1_000_000)
+    parser.add_argument(
+        "--dormant-stops",
+        type=int,
+        default=0,
+        help="stops the engines hold (never triggered) during the workload",
+    )
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--engine", default="compiled", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -90,7 +96,7 @@ def main() -> None:
     if "compiled" not in ENGINES:
         print("the compiled engine is not built (python -m papertrade.book.build): pure-Python only")
 
-    runs = _runs(ticks, chunks, final, args.runs)
+    runs = _runs(ticks, chunks, final, args.runs, args.dormant_stops)
     base = runs.pop("baseline")
     bw, bc = median(r[0] for r in base), median(r[1] for r in base)
     rows: list[tuple[str, float, str, str | None, float | None]] = [
@@ -101,8 +107,9 @@ def main() -> None:
         w, c = median(r[0] for r in rates), median(r[1] for r in rates)
         rw = median(r[0] / b[0] for r, b in zip(rates, base, strict=True))
         rc = median(r[1] / b[1] for r, b in zip(rates, base, strict=True))
-        rows.append((f"{name} engine, events + STP on (wall clock)", w, "ops/s", "baseline", rw))
-        rows.append((f"{name} engine, events + STP on (process CPU time)", c, "ops/s", "baseline", rc))
+        stops = f", {args.dormant_stops:,} dormant stops" if args.dormant_stops else ""
+        rows.append((f"{name} engine, events + STP on{stops} (wall clock)", w, "ops/s", "baseline", rw))
+        rows.append((f"{name} engine, events + STP on{stops} (process CPU time)", c, "ops/s", "baseline", rc))
     cmd_rates = [_run_commands(commands, final) for _ in range(max(2, args.runs // 2))]
     rows.append(
         (
@@ -147,14 +154,15 @@ Rates = tuple[float, float]
 
 
 def _runs(
-    ticks: list[Op], chunks: list[list[Op]], final: dict[str, Any], runs: int
+    ticks: list[Op], chunks: list[list[Op]], final: dict[str, Any], runs: int, stops: int = 0
 ) -> dict[str, list[Rates]]:
-    """Alternate the baseline and each engine, `runs` times; (wall ops/s, CPU ops/s) of each run."""
+    """Alternate the baseline and each engine, `runs` times; (wall ops/s, CPU ops/s) of each run.
+    The engines hold `stops` dormant stops."""
     out: dict[str, list[Rates]] = {"baseline": [], **{name: [] for name in ENGINES}}
     for i in range(runs):
         out["baseline"].append(_run_baseline(ticks, final))
         for name, cls in ENGINES.items():
-            out[name].append(_run_engine(chunks, final, cls))
+            out[name].append(_run_engine(chunks, final, cls, stops))
         print(
             f"  run {i + 1}: "
             + "   ".join(f"{k} {v[-1][0]:>10,.0f} ops/s (cpu {v[-1][1]:>10,.0f})" for k, v in out.items())
@@ -181,11 +189,18 @@ def _run_baseline(ops: list[Op], final: dict[str, Any]) -> Rates:
     return len(ops) / elapsed, len(ops) / cpu
 
 
-def _run_engine(chunks: list[list[Op]], final: dict[str, Any], cls: Any) -> Rates:
+def _run_engine(chunks: list[list[Op]], final: dict[str, Any], cls: Any, stops: int = 0) -> Rates:
     """One engine, all features on: every order carries an account (its own id, so the final book
     stays comparable with the baseline's) and self-trade prevention `cancel_newest`, checked at every
-    fill; the events are produced and drained every `DRAIN_EVERY` ops, as the service's consumer does."""
+    fill; the events are produced and drained every `DRAIN_EVERY` ops, as the service's consumer does.
+    `stops` dormant stops (buys far above every price, sells at the lowest tick) rest meanwhile."""
     book = cls()
+    for i in range(stops):
+        side = i % 2
+        book.submit(
+            f"stop-{i}", side, STOP, 1, None, 10**9 if side == BUY else 1, GTC, False, STP_NONE, "stops"
+        )
+    book.events.clear()
     limit, market, cancel = book.limit, book.market, book.cancel
     events = book.events
     n = sum(len(chunk) for chunk in chunks)
