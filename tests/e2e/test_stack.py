@@ -46,6 +46,7 @@ from papertrade.messages import ExecReport
 from papertrade.stack.infra import Endpoints
 from papertrade.stack.runner import READY, Stack
 from papertrade_orderbook.exchange import SNAPSHOT_KEY
+from tests.broker.holds import check_holds
 from tests.conftest import ADMIN_TOKEN, REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -346,6 +347,9 @@ def test_after_restarts_nothing_lost_or_doubled_and_books_match(run: Run) -> Non
         assert rest_costs == {s: c.quantize(CENT) for s, c in costs.items() if s in rest_costs}
         assert all(c == 0 for s, c in costs.items() if s not in rest_costs), costs
         assert Decimal(client.get_account().cash).quantize(CENT) == cash.quantize(CENT)
+        # what its open orders hold (`order_holds`, kept by triggers) is their sum
+        with psycopg.connect(_endpoints(run).database_url.replace("+psycopg", "")) as conn:
+            check_holds(conn, aid)
     assert start == CASH
 
 
