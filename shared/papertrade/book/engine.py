@@ -814,12 +814,7 @@ class Book:
     def _add_stop(self, rec: Order) -> None:
         """A dormant stop, last in entry order."""
         self._stops[rec.oid] = rec
-        stop: int = rec.stop  # type: ignore[assignment]
-        if rec.side == BUY:
-            if stop < self._buy_stop_floor:
-                self._buy_stop_floor = stop
-        elif stop > self._sell_stop_ceiling:
-            self._sell_stop_ceiling = stop
+        self._widen_stop_bounds(rec)
 
     def _fire_stops(self) -> None:
         """Trigger every stop whose condition holds on the last trade, in entry order, until none does."""
@@ -843,16 +838,19 @@ class Book:
 
     def _stop_bounds(self) -> None:
         """Make the stops' bounds exact (`_buy_stop_floor`, `_sell_stop_ceiling`)."""
-        floor, ceiling = _NO_STOP_FLOOR, _NO_STOP_CEILING
-        for r in self._stops.values():
-            stop: int = r.stop  # type: ignore[assignment]
-            if r.side == BUY:
-                if stop < floor:
-                    floor = stop
-            elif stop > ceiling:
-                ceiling = stop
-        self._buy_stop_floor = floor
-        self._sell_stop_ceiling = ceiling
+        self._buy_stop_floor = _NO_STOP_FLOOR
+        self._sell_stop_ceiling = _NO_STOP_CEILING
+        for rec in self._stops.values():
+            self._widen_stop_bounds(rec)
+
+    def _widen_stop_bounds(self, rec: Order) -> None:
+        """Let the stops' bounds take in the dormant stop `rec`."""
+        stop: int = rec.stop  # type: ignore[assignment]
+        if rec.side == BUY:
+            if stop < self._buy_stop_floor:
+                self._buy_stop_floor = stop
+        elif stop > self._sell_stop_ceiling:
+            self._sell_stop_ceiling = stop
 
     def _walk(self, side: int, lk: int) -> list[Level]:
         """The levels of the side opposite to `side` that `lk` reaches, best first."""
