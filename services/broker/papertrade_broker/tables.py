@@ -168,10 +168,16 @@ def order_holds_sql() -> list[str]:
     """The statements that keep `order_holds`: statement-level triggers on `orders` (one upsert per
     statement, whatever its number of rows) adding the new rows' holdings and taking away the old
     rows'. An order holds `reserved` and its open quantity while its status is open, nothing after.
-    Rows are written in key order, so two transactions never wait on each other's rows in a cycle."""
-    holds = f"""
-      SELECT account_id, symbol, side, reserved, coalesce(qty - filled_qty, 0) AS open_qty
-      FROM {{rows}} WHERE status IN {OPEN_SQL}"""
+    Rows are written in key order, so two transactions never wait on each other's rows in a cycle.
+    Migration 0003 runs these; a change here needs a migration that runs them again.
+    """
+
+    def holds(rows: str, sign: str = "") -> str:
+        return f"""
+      SELECT account_id, symbol, side, {sign}reserved AS reserved,
+        {sign}coalesce(qty - filled_qty, 0) AS open_qty
+      FROM {rows} WHERE status IN {OPEN_SQL}"""
+
     upsert = """
   INSERT INTO order_holds AS h (account_id, symbol, side, reserved, open_qty)
   SELECT account_id, symbol, side, sum(reserved), sum(open_qty) FROM ({deltas}) AS d
@@ -179,17 +185,14 @@ def order_holds_sql() -> list[str]:
   ORDER BY account_id, symbol, side
   ON CONFLICT (account_id, symbol, side) DO UPDATE
     SET reserved = h.reserved + EXCLUDED.reserved, open_qty = h.open_qty + EXCLUDED.open_qty;"""
-    minus = holds.format(rows="old_orders").replace(
-        "reserved, coalesce(qty - filled_qty, 0)", "-reserved, -coalesce(qty - filled_qty, 0)"
-    )
     bodies = {
-        "insert": upsert.format(deltas=holds.format(rows="new_orders")),
-        "update": upsert.format(deltas=holds.format(rows="new_orders") + "\n      UNION ALL" + minus),
+        "insert": upsert.format(deltas=holds("new_orders")),
+        "update": upsert.format(deltas=holds("new_orders") + "\n      UNION ALL" + holds("old_orders", "-")),
         # Deleted only with their account (the holdings' rows go with it): no upsert, no new row.
         "delete": f"""
   UPDATE order_holds AS h SET reserved = h.reserved - d.reserved, open_qty = h.open_qty - d.open_qty
   FROM (SELECT account_id, symbol, side, sum(reserved) AS reserved, sum(open_qty) AS open_qty
-        FROM ({holds.format(rows="old_orders")}) AS o GROUP BY account_id, symbol, side) AS d
+        FROM ({holds("old_orders")}) AS o GROUP BY account_id, symbol, side) AS d
   WHERE h.account_id = d.account_id AND h.symbol = d.symbol AND h.side = d.side;""",
     }
     tables = {
