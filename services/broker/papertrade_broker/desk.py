@@ -25,7 +25,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
-from sqlalchemy import Text, cast, func, insert, or_, select, text, update
+from sqlalchemy import Select, Text, cast, func, insert, or_, select, text, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -475,13 +475,7 @@ class Desk:
         """(account row, open positions, buying power reserved by open orders)."""
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(accounts).where(accounts.c.id == account_id))).mappings().one()
-            reserved = (
-                await conn.execute(
-                    select(func.coalesce(func.sum(order_holds.c.reserved), 0)).where(
-                        order_holds.c.account_id == account_id
-                    )
-                )
-            ).scalar_one()
+            reserved = (await conn.execute(_reserved_by(account_id))).scalar_one()
         return row, await self.open_positions(account_id), Decimal(reserved)
 
     # --- helpers --------------------------------------------------------------------------------
@@ -797,11 +791,14 @@ class Desk:
     ) -> Decimal:
         """Lock the account, check that the replacement `spec` fits once `replaced` (an open order of
         the same symbol and side, locked) holds nothing; returns the buying power it reserves."""
-        mine = order_holds.c.account_id == acct.id
-        reserved_q = select(func.coalesce(func.sum(order_holds.c.reserved), 0)).where(mine).scalar_subquery()
+        reserved_q = _reserved_by(acct.id).scalar_subquery()
         same_q = (
             select(func.coalesce(func.sum(order_holds.c.open_qty), 0))
-            .where(mine, order_holds.c.symbol == spec.symbol, order_holds.c.side == spec.side.value)
+            .where(
+                order_holds.c.account_id == acct.id,
+                order_holds.c.symbol == spec.symbol,
+                order_holds.c.side == spec.side.value,
+            )
             .scalar_subquery()
         )
         held_q = (
@@ -1050,6 +1047,13 @@ class _Unacked:
     symbol: str
     order_id: UUID
     timer: asyncio.TimerHandle
+
+
+def _reserved_by(account_id: UUID) -> Select[tuple[Any]]:
+    """The buying power the account's open orders hold (`order_holds`)."""
+    return select(func.coalesce(func.sum(order_holds.c.reserved), 0)).where(
+        order_holds.c.account_id == account_id
+    )
 
 
 def _admin_account(row: Mapping[Any, Any]) -> dict[str, Any]:
