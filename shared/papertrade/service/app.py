@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from papertrade.service.errors import ApiError, ErrorCode, install_error_handlers
+from papertrade.service.http import CoalescingHttpToolsProtocol
 from papertrade.service.links import LINK_NAMES, Links
 from papertrade.service.logs import configure_logging
 from papertrade.settings import ServiceSettings, Settings
@@ -165,7 +166,7 @@ def run_service(app: FastAPI, settings: ServiceSettings) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=CoalescingHttpToolsProtocol,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
