@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from papertrade import codec
 from papertrade.bus import subjects
-from papertrade.enums import ExecType
+from papertrade.enums import ExecType, Side
 from papertrade.messages import ExecReport, RiskCheckRequest, RiskDecision
 from papertrade.risk import Limits
 from papertrade.stack.infra import Endpoints
@@ -168,6 +168,30 @@ async def test_redelivered_exec_report_is_applied_once(
     # a new owner (after a restart) still knows the report: the seen key is in Redis
     await a.close()
     assert await checkers[1].apply_exec(fill) == "dup"
+
+
+async def test_reports_that_change_nothing_are_acked_without_redis_or_a_lease(
+    checkers: tuple[RiskChecker, RiskChecker], redis: Redis
+) -> None:
+    """`accepted` and `triggered` reports (half of what the book publishes) never change risk's state:
+    no seen-key lookup, no write, no lease taken for an account nobody owns."""
+    a, _ = checkers
+    account = uuid.uuid4()
+    calls = a.batcher.calls
+    for kind in (ExecType.ACCEPTED, ExecType.TRIGGERED):
+        report = ExecReport(
+            exec=kind,
+            seq=int(time.time() * 1000),
+            order_id=uuid.uuid4(),
+            account_id=account,
+            symbol=fresh_symbol(),
+            side=Side.BUY,
+            t=datetime.now(UTC),
+        )
+        assert await a.apply_exec(report) == "noop"
+    assert a.batcher.calls == calls
+    assert await redis.get(f"pt:risk:own:{account}") is None
+    assert str(account) not in a.owned()
 
 
 async def test_redis_down_rejects_with_a_reason_naming_redis(

@@ -8,13 +8,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import pytest
 from pydantic import ValidationError
 
 from papertrade.enums import ExecType, OrderType, Side, TimeInForce
 from papertrade.messages import ExecReport, RiskCheckRequest
 from papertrade.risk import AccountRiskState, Limits, RiskEngine, check, reserve_for, take
-from papertrade.risk.state import PositionState
+from papertrade.risk.state import PositionState, can_change
 
 D = Decimal
 ACCOUNT = uuid.uuid4()
@@ -310,6 +311,40 @@ def test_reserve_fill_release_and_replace() -> None:
     assert effect.orders == [(str(o2.order_id), None)]
     assert s.open_qty("AAPL") == (D("0"), D("0"))
     assert s.apply_exec(cancel).empty
+
+
+@pytest.mark.parametrize("kind", list(ExecType))
+def test_a_report_that_cannot_change_the_state_changes_nothing_on_any_state(kind: ExecType) -> None:
+    """`can_change` is what the service acks without Redis: false only where `apply_exec` leaves every
+    state as it was (here: states with the order open, filled in part, with positions, or empty)."""
+    rng = random.Random(str(kind))
+    for _ in range(40):
+        s = AccountRiskState()
+        orders = [order(str(rng.randint(1, 50)), side=rng.choice(list(Side)), limit="100") for _ in range(2)]
+        for o in orders:
+            reserve_for(s, o, check(o, Limits(), s, MARKS), MARKS)
+        if rng.random() < 0.5:
+            s.apply_exec(fill("AAPL", Side.BUY, "1", "99", oid=orders[0].order_id))
+        qty = rng.choice([None, D("0"), D("-1"), D("1"), D("3")])
+        r = ExecReport(
+            exec=kind,
+            seq=9,
+            order_id=rng.choice([*(o.order_id for o in orders), uuid.uuid4()]),
+            account_id=ACCOUNT,
+            symbol="AAPL",
+            side=Side.BUY,
+            t=OPEN_T,
+            exec_id=uuid.uuid4().hex if kind is ExecType.FILL else None,
+            price=rng.choice([None, D("101")]),
+            qty=qty,
+        )
+        before = (dict(s.open_orders), dict(s.positions), s.day, s.realised, s.open_qty("AAPL"))
+        effect = s.apply_exec(r)
+        if not can_change(r):
+            assert effect.empty
+            assert (dict(s.open_orders), dict(s.positions), s.day, s.realised, s.open_qty("AAPL")) == before
+    assert can_change(fill("AAPL", Side.BUY, "1", "1"))
+    assert not can_change(msgspec.structs.replace(fill("AAPL", Side.BUY, "1", "1"), exec=ExecType.ACCEPTED))
 
 
 def test_replace_does_not_count_the_replaced_order() -> None:

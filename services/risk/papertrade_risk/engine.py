@@ -46,7 +46,7 @@ from papertrade.messages import CancelCmd, ExecReport, RiskCheckRequest, RiskDec
 from papertrade.money import fmt
 from papertrade.risk import AccountRiskState, Limits, check, reject, reserve_for
 from papertrade.risk.bucket import TokenBucket, take
-from papertrade.risk.state import day_to_json, state_from_redis
+from papertrade.risk.state import can_change, day_to_json, state_from_redis
 from papertrade_risk.store import LuaBatcher, audit_item, seen_key
 from papertrade_risk.tables import limits_table
 
@@ -268,7 +268,7 @@ class RiskChecker:
     async def apply_exec(self, report: ExecReport, hops: int = 0) -> str:
         """Apply one execution report as the account's owner (forwarded to it if that is another
         replica): `applied` once the change reached Redis, `dup` or `noop`."""
-        if report.account_id == LIQUIDITY_ACCOUNT_ID:
+        if report.account_id == LIQUIDITY_ACCOUNT_ID or not can_change(report):
             return "noop"
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         await self._run(_Job(report=report, future=future, hops=hops))

@@ -25,6 +25,16 @@ from papertrade.timeutil import NEW_YORK
 _RELEASING = (ExecType.CANCELED, ExecType.EXPIRED, ExecType.REJECTED, ExecType.REPLACED)
 
 
+def can_change(report: ExecReport) -> bool:
+    """Whether `AccountRiskState.apply_exec` may change anything for this report, whatever the state:
+    a fill of a positive quantity at a price, or a report that releases an order. `accepted` and
+    `triggered` never do (half of the reports), so the service acks them without asking Redis
+    whether it has seen them or taking the account's lease."""
+    if report.exec is ExecType.FILL:
+        return report.qty is not None and report.price is not None and report.qty > 0
+    return report.exec in _RELEASING
+
+
 def session_day(t: datetime) -> date:
     """The trading day an instant belongs to: its date in New York (P&L resets at NY midnight).
 
@@ -228,10 +238,11 @@ class AccountRiskState:
     def apply_exec(self, report: ExecReport) -> ExecEffect:
         """Apply one execution report; returns what changed (empty if nothing did)."""
         effect = ExecEffect()
+        if not can_change(report):
+            return effect
         oid = str(report.order_id)
         if report.exec is ExecType.FILL:
-            if report.qty is None or report.price is None or report.qty <= 0:
-                return effect
+            assert report.qty is not None and report.price is not None
             effect.position = (report.symbol, self._fill_position(report))
             effect.day = (self.day, self.realised) if self.day is not None else None
             order = self.open_orders.get(oid)
@@ -244,7 +255,7 @@ class AccountRiskState:
                     effect.orders.append((oid, self.open_orders[oid]))
                 else:
                     effect.orders.append((oid, None))
-        elif report.exec in _RELEASING and self.release(oid) is not None:
+        elif self.release(oid) is not None:
             effect.orders.append((oid, None))
         return effect
 
