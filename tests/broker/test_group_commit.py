@@ -190,6 +190,87 @@ async def test_short_prices_are_read_beside_round_trip_1_once_the_account_is_kno
         await pool.close()
 
 
+async def test_answers_and_commands_are_prepared_before_the_commit_while_risk_is_awaited(
+    broker: Broker,
+) -> None:
+    """`prepare` builds each order's answer and command before round trip 2: while risk's answer is
+    awaited (round trip 1 done, the transaction open) when risk is the slower, again for an order risk
+    clips; a `prepare` that fails leaves the order booked with nothing prepared; an order the INSERT
+    finds taken is answered None whatever was prepared."""
+    account = UUID(broker.new_account()["id"])
+    seen: list[tuple[str, Any, pq.TransactionStatus, bool]] = []
+    routed: list[bytes | None] = []
+    pgconn: Any = None
+    risk_answered = False
+
+    def prepare(item: hotpath.NewOrder[Any, Any], row: Mapping[str, Any]) -> None:
+        coid = row["client_order_id"]
+        if coid == "broken":
+            item.view = {"half": "built"}
+            raise RuntimeError("cannot prepare")
+        if pgconn is not None:
+            seen.append((coid, row["qty"], pq.TransactionStatus(pgconn.transaction_status), risk_answered))
+        item.view = {"coid": coid, "qty": row["qty"], "status": row["status"]}
+        item.command = f"cmd {coid} {row['qty']}".encode()
+
+    async def route(item: hotpath.NewOrder[Any, Any], row: Mapping[str, Any]) -> None:
+        routed.append(item.command)
+
+    async def screen(batch: Sequence[hotpath.NewOrder[Any, Any]]) -> list[BaseException | None]:
+        nonlocal risk_answered
+        await asyncio.sleep(0.05)  # after round trip 1
+        for b in batch:
+            if b.values["client_order_id"] == "clipped":  # what the desk's _apply_spec does
+                b.spec = {"clipped": True}
+                b.values["qty"] = Decimal("2")
+        risk_answered = True
+        return [None for _ in batch]
+
+    async def check(*_: Any) -> Decimal:
+        return Decimal(0)
+
+    async def prices(_: Sequence[str]) -> dict[str, Decimal]:
+        return {}
+
+    pool = hotpath.new_pool(broker.database_url, 1)
+    await pool.open()
+    writer = hotpath.GroupCommit(
+        pool, screen=screen, check=check, prices=prices, release=lambda *_: None, route=route, prepare=prepare
+    )
+    writer.start()
+    try:
+        await asyncio.wait_for(writer.submit(_order(account, "warm")), 30)
+        async with pool.connection() as conn:  # the pool's only connection: the writer's
+            pgconn = conn.pgconn
+        risk_answered = False
+        with psycopg.connect(hotpath.libpq_url(broker.database_url)) as c:  # a concurrent submit won
+            c.execute(
+                "insert into orders (id, account_id, client_order_id, symbol, side, type, time_in_force,"
+                " qty, status, created_at, updated_at, submitted_at) values"
+                " (%s, %s, 'taken', 'AAPL', 'buy', 'market', 'day', 1, 'new', now(), now(), now())",
+                (uuid.uuid4(), account),
+            )
+        items = [_order(account, c, "5") for c in ("a", "broken", "taken", "clipped")]
+        answers = await asyncio.wait_for(asyncio.gather(*(writer.submit(i) for i in items)), 30)
+    finally:
+        await writer.stop()
+        await pool.close()
+    intrans = pq.TransactionStatus.INTRANS
+    assert seen == [
+        ("a", Decimal("5"), intrans, False),
+        ("taken", Decimal("5"), intrans, False),
+        ("clipped", Decimal("5"), intrans, False),
+        ("clipped", Decimal("2"), intrans, True),  # risk clipped it: prepared again
+    ]
+    a, broken, _, clipped = items
+    assert a.view == {"coid": "a", "qty": Decimal("5"), "status": "pending_new"} and a.command == b"cmd a 5"
+    assert broken.view is None and broken.command is None
+    assert clipped.view == {"coid": "clipped", "qty": Decimal("2"), "status": "pending_new"}
+    assert [answer is None for answer in answers] == [False, False, True, False]
+    assert routed == [b"cmd warm 1", b"cmd a 5", None, b"cmd clipped 2"]
+    assert sorted(_coids(broker, account)) == ["a", "broken", "clipped", "taken", "warm"]
+
+
 async def _writer(
     broker: Broker, released: list[tuple[str, str]], routed: list[str]
 ) -> tuple[hotpath.GroupCommit, Any]:

@@ -118,6 +118,7 @@ class Desk:
             prices=market.prices,
             release=self._release_new,
             route=self._route_booked,
+            prepare=self._prepare_booked,
         )
 
     def start(self) -> None:
@@ -312,7 +313,7 @@ class Desk:
             existing = await self._by_coid(acct.id, coid)
             assert existing is not None
             return order_view(existing)
-        return order_view(row)
+        return item.view if item.view is not None else order_view(row)
 
     async def cancel(self, acct: AccountInfo, order_id: UUID) -> None:
         async with self.engine.begin() as conn:
@@ -675,23 +676,13 @@ class Desk:
         self, item: hotpath.NewOrder[AccountInfo, OrderSpec], row: Mapping[str, Any]
     ) -> None:
         """The group commit's last step: a booked order's command to its book."""
-        acct, spec = item.account, item.spec
-        cmd = NewOrderCmd(
-            order_id=item.values["id"],
-            account_id=acct.id,
-            symbol=spec.symbol,
-            side=spec.side,
-            type=spec.type,
-            time_in_force=spec.time_in_force,
-            t=item.t,
-            qty=spec.qty,
-            notional=spec.notional,
-            limit_price=spec.limit_price,
-            stop_price=spec.stop_price,
-            all_or_none=spec.all_or_none,
-            stp=acct.stp,
-        )
-        await self._route_new(acct.id, spec.symbol, codec.encode(cmd), item.values["id"])
+        payload = item.command if item.command is not None else codec.encode(_new_order_cmd(item))
+        await self._route_new(item.account.id, item.spec.symbol, payload, item.values["id"])
+
+    def _prepare_booked(self, item: hotpath.NewOrder[AccountInfo, OrderSpec], row: Mapping[str, Any]) -> None:
+        """The group commit's `prepare`: the answer and the book's command of an order being committed."""
+        item.view = order_view(row)
+        item.command = codec.encode(_new_order_cmd(item))
 
     async def _check_new(
         self,
@@ -1127,3 +1118,23 @@ def _price(value: object, field: str, needed: bool, tick: Decimal) -> Decimal | 
         raise ValidationError(field, "is not allowed for this order type")
     price = to_decimal(value, field, positive=True)
     return check_tick(price, tick, field)
+
+
+def _new_order_cmd(item: hotpath.NewOrder[AccountInfo, OrderSpec]) -> NewOrderCmd:
+    """A booked order's command to its book."""
+    acct, spec = item.account, item.spec
+    return NewOrderCmd(
+        order_id=item.values["id"],
+        account_id=acct.id,
+        symbol=spec.symbol,
+        side=spec.side,
+        type=spec.type,
+        time_in_force=spec.time_in_force,
+        t=item.t,
+        qty=spec.qty,
+        notional=spec.notional,
+        limit_price=spec.limit_price,
+        stop_price=spec.stop_price,
+        all_or_none=spec.all_or_none,
+        stp=acct.stp,
+    )

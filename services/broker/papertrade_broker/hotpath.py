@@ -123,6 +123,10 @@ _A = TypeVar("_A")
 _S = TypeVar("_S")
 
 
+#: `NewOrder.prepared_for` of an order not prepared (its spec may be anything, None included)
+_UNPREPARED: Any = object()
+
+
 @dataclass
 class NewOrder(Generic[_A, _S]):
     """One submit waiting for its batch: `values` are the `orders` row (reserved filled in), `t` the
@@ -137,6 +141,11 @@ class NewOrder(Generic[_A, _S]):
     )
     #: risk approved it (and holds its exposure until the book reports on it, or a release)
     approved: bool = False
+    #: what `prepare` built from its row before the commit: the answer to the submit, the book's
+    #: command (None: not prepared, the caller builds them), and the `spec` they were built from
+    view: dict[str, Any] | None = None
+    command: bytes | None = None
+    prepared_for: Any = field(default=_UNPREPARED, repr=False)
 
     @property
     def account_id(self) -> UUID:
@@ -171,6 +180,13 @@ Prices = Callable[[Sequence[str]], Awaitable[dict[str, Decimal]]]
 Release = Callable[[NewOrder[Any, Any], str], None]
 #: `route(order, row)`: send a booked order's command to its book; raises to refuse it.
 Route = Callable[[NewOrder[Any, Any], Mapping[str, Any]], Awaitable[None]]
+#: `prepare(order, row)`: build what answering and routing a booked order need (`NewOrder.view`,
+#: `NewOrder.command`) from its row (as it will be inserted, but for `reserved`, which the buying
+#: power check sets later) before the commit: while risk's answer is awaited when it comes after
+#: round trip 1 (again for an order risk clips), else just before round trip 2. After the commit
+#: that CPU would delay both the answers and the next batch. Unused for an order refused meanwhile or
+#: found taken by the INSERT (its client_order_id).
+Prepare = Callable[[NewOrder[Any, Any], Mapping[str, Any]], None]
 
 
 class GroupCommit:
@@ -193,6 +209,7 @@ class GroupCommit:
         prices: Prices,
         release: Release,
         route: Route,
+        prepare: Prepare | None = None,
         workers: int = 1,
     ) -> None:
         self.pool = pool
@@ -201,6 +218,7 @@ class GroupCommit:
         self.prices = prices
         self.release = release
         self.route = route
+        self.prepare = prepare
         self.workers = workers
         self._queue: asyncio.Queue[NewOrder[Any, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -320,6 +338,8 @@ class GroupCommit:
                     same[(r["id"], symbol, side)] = Decimal(open_qty)
                 held[r["id"]] = [[symbol, qty] for symbol, qty in r["held"] or []]
             if screening is not None:
+                if not screening.done():  # risk answers later than round trip 1: its wait pays for these
+                    self._prepare(batch)
                 _screened(batch, await screening)
             # Short positions count at market value: their prices, read once for the batch.
             shorts = self._short_symbols(ids, held)
@@ -359,6 +379,7 @@ class GroupCommit:
                     same[side_key] = same.get(side_key, ZERO) + item.qty
                 rows.append(item)
             if rows:
+                self._prepare([b for b in rows if b.prepared_for is not b.spec])  # clipped by risk, or new
                 values = [{c: b.values[c] for c in _COLUMNS} for b in rows]
                 written, _ = await prepared.run(
                     conn, INSERT_ORDERS(prepared.text(conn, codec.encode(values))), prepared.COMMIT
@@ -375,6 +396,20 @@ class GroupCommit:
         for item in repeats:
             self._duplicate(item)
         return booked
+
+    def _prepare(self, items: Sequence[NewOrder[Any, Any]]) -> None:
+        """`prepare` each order (a failure leaves it to the caller, after the commit)."""
+        if self.prepare is None:
+            return
+        for item in items:
+            try:
+                self.prepare(item, {**NEW_ORDER_STATE, **item.values})
+            except Exception as exc:
+                item.view = item.command = None
+                item.prepared_for = _UNPREPARED
+                _log.warning("order answer not prepared", error=repr(exc))
+                continue
+            item.prepared_for = item.spec
 
     def _short_symbols(self, ids: Sequence[UUID], held: Mapping[UUID, list[list[str]]]) -> set[str]:
         """The symbols the batch's accounts are short in (remembered per account for the next batch)."""
