@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import gc
 import multiprocessing
 import os
 import pickle
@@ -55,7 +54,7 @@ from papertrade.ledger import CommissionModel, PositionState, apply_fill, cash_d
 from papertrade.messages import ExecReport, TradeUpdate
 from papertrade.money import ZERO
 from papertrade.service.logs import configure_logging
-from papertrade.stack.procs import die_with_parent
+from papertrade.stack.procs import die_with_parent, settle_heap
 from papertrade.timeutil import utcnow
 from papertrade_broker import prepared
 from papertrade_broker.hotpath import libpq_url
@@ -756,9 +755,7 @@ def _ledger_main(
     die_with_parent()  # the kernel stops the ledger when the broker process dies
     configure_logging("broker", settings.log_level, settings.log_format)
     consumer = LedgerConsumer(settings, durable)
-    # What start-up made lives as long as the process: out of the collector's way (as the services do).
-    gc.collect()
-    gc.freeze()
+    settle_heap()  # as the services do once started
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the broker stops us
     signal.signal(signal.SIGTERM, lambda *_: consumer.stopping.set())
 

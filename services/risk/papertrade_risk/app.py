@@ -10,7 +10,6 @@ in Redis, written behind by the account's owner through one Lua script (`papertr
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -38,11 +37,6 @@ def build_app(settings: RiskSettings | None = None) -> FastAPI:
     async def start(ctx: ServiceContext) -> None:
         if settings.migrate:
             await migrate_async(settings.database_url, MIGRATIONS, VERSION_TABLE)
-        # Checks allocate many short-lived objects: collect the young generation less often, and
-        # keep what start-up loaded out of the collector's way (halves the time per check here).
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(50_000, 50, 100)
         # Clients of its own: no retries, short timeouts, so a lost Redis fails the check closed at
         # once instead of after the shared link's retries. Checks use one connection of their own.
         redis = Redis.from_url(

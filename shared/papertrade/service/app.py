@@ -11,7 +11,6 @@ Every app serves `/healthz`, `/readyz`, `/metrics` and OpenAPI at `/docs`; error
 from __future__ import annotations
 
 import asyncio
-import gc
 import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
@@ -30,6 +29,7 @@ from papertrade.service.http import CoalescingHttpToolsProtocol
 from papertrade.service.links import LINK_NAMES, Links
 from papertrade.service.logs import configure_logging
 from papertrade.settings import ServiceSettings, Settings
+from papertrade.stack.procs import settle_heap
 
 Hook = Callable[["ServiceContext"], Awaitable[None]]
 
@@ -119,8 +119,7 @@ def create_app(
             await hook(ctx)
         # What start-up built (modules, the app, pools, caches) lives as long as the process: out of
         # the collector's sight, so that a full collection no longer walks it again and again.
-        gc.collect()
-        gc.freeze()
+        settle_heap()
         ctx.log.info("service started")
         try:
             yield

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import socket
@@ -18,6 +19,10 @@ from pathlib import Path
 from typing import IO
 
 _PR_SET_PDEATHSIG = 1
+
+#: The collector's thresholds for a service once it has started (`settle_heap`): the young generation
+#: is collected after 50,000 net allocations instead of 700.
+GC_THRESHOLDS = (50_000, 50, 100)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -138,6 +143,18 @@ def die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def settle_heap() -> None:
+    """Call once a service process has started: what start-up built (modules, apps, pools, caches)
+    lives as long as the process, so it is collected once and frozen out of the collector's sight;
+    and the young generation is collected less often (`GC_THRESHOLDS`). A request allocates hundreds
+    of short-lived containers; at the default threshold (700) the collector ran every few requests and
+    walked whatever was in flight each time (~4 % of the broker's CPU under load, measured with
+    `gc.callbacks`), while objects that die young are never walked at all when collections are rare."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _die_with_parent() -> None:
