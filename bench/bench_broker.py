@@ -59,7 +59,7 @@ import orjson  # noqa: E402
 import psutil  # noqa: E402
 import psycopg  # noqa: E402
 import redis  # noqa: E402
-from _rows import row  # noqa: E402
+from _rows import interpreter, row  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
@@ -113,6 +113,7 @@ def main() -> int:
         )
         _prepare_redis(endpoints.redis_url)
         console.print(f"infra: {endpoints.env()}")
+        console.print(f"interpreter: {interpreter()}")
         console.print("starting risk, orderbook, broker ...")
         procs: list[ManagedProcess] = []
         urls: dict[str, str] = {}

@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT / "shared"))
 import nats  # noqa: E402
 import orjson  # noqa: E402
 import psutil  # noqa: E402
+from _rows import interpreter  # noqa: E402
 from sqlalchemy import create_engine, insert  # noqa: E402
 
 from papertrade import codec  # noqa: E402
@@ -389,6 +390,7 @@ def _print(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
     print(
         f"medians of {args.runs} run(s) (each run in brackets), {args.accounts} accounts, load average {load:.1f}"
     )
+    print(f"interpreter: {interpreter()}")
     for i, n in enumerate(names):
         print(f"  [{chr(65 + i)}] {n}")
     print(f"{'figure':40}" + "".join(f"{'[' + chr(65 + i) + ']':>34}" for i in range(len(names))))

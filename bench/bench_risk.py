@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from _rows import interpreter
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "risk.json"
@@ -492,6 +493,7 @@ def _report(
         f"load average (1 min) before / after the run: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
         "(2 vCPU; compare ratios within one run)"
     )
+    print(f"interpreter: {interpreter()}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(REPO)}")
