@@ -11,8 +11,19 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from papertrade.keys import RISK_PREFIX
 from papertrade.stack.infra import Endpoints
-from papertrade_risk.store import LuaBatcher, account_key
+from papertrade_risk.store import (
+    ACCOUNTS,
+    LOG,
+    LuaBatcher,
+    account_key,
+    audit_item,
+    log_key,
+    seen_key,
+    write_entry,
+    write_item,
+)
 
 
 def _other_db(url: str, db: int) -> str:
@@ -33,6 +44,57 @@ async def test_concurrent_items_share_one_call(batcher: LuaBatcher) -> None:
     results = await asyncio.gather(*(batcher.call(item) for item in items))
     assert all(r[0] == "who" for r in results)
     assert batcher.calls - calls <= 2  # the first call alone, the other 49 in the next one
+
+
+async def test_argument_items_and_json_ops_share_one_call(batcher: LuaBatcher, infra: Endpoints) -> None:
+    """The write-behind's `W` and `A` items are read argument by argument, next to JSON ops."""
+    owned, fenced = str(uuid.uuid4()), str(uuid.uuid4())
+    redis = Redis.from_url(infra.redis_url)
+    await redis.set(f"{RISK_PREFIX}own:{owned}", b"r1 7")
+    await redis.set(f"{RISK_PREFIX}own:{fenced}", b"r2 8")
+    seen = seen_key(f"T{owned[:8]}", 1)
+    write = write_item(
+        [
+            write_entry(owned, "r1 7", ["o1", '{"q":"5"}', "o0", ""], ["AAPL", '{"q":"3"}'], "d1", [seen],
+                        ("4.000000", "12.5", True), True),
+            write_entry(fenced, "r1 9", ["o2", '{"q":"1"}'], [], "", [], None, False),
+        ]
+    )  # fmt: skip
+    recs = [b'{"n":%d,"a":"%s"}' % (n, owned.encode()) for n in (1, 2, 3)]
+    audit = audit_item([(owned, recs[0]), (fenced, recs[1]), (owned, recs[2])])
+    try:
+        await redis.hset(account_key(owned, "open"), "o0", "x")
+        results = await asyncio.gather(
+            batcher.call(write),
+            batcher.call(orjson.dumps({"op": "who", "a": owned})),
+            batcher.call(audit),
+        )
+        assert results[0] == ["w", ["ok", "fenced"]]
+        assert results[1][:2] == ["who", "r1 7"]
+        assert results[2] == ["log", 3]
+        assert await redis.hgetall(account_key(owned, "open")) == {b"o1": b'{"q":"5"}'}
+        assert await redis.hgetall(account_key(owned, "pos")) == {b"AAPL": b'{"q":"3"}'}
+        assert await redis.get(account_key(owned, "day")) == b"d1"
+        assert await redis.exists(seen) == 1
+        assert await redis.hgetall(account_key(owned, "rate")) == {b"n": b"4.000000", b"t": b"12.5"}
+        assert 0 < await redis.ttl(account_key(owned, "rate")) <= 3600
+        assert await redis.sismember(ACCOUNTS, owned)
+        assert await redis.exists(account_key(fenced, "open")) == 0  # another token: nothing written
+        assert await redis.lrange(log_key(owned), 0, -1) == [recs[2], recs[0]]
+        assert await redis.lrange(log_key(fenced), 0, -1) == [recs[1]]
+        assert [r for r in await redis.lrange(LOG, 0, 999) if r in recs] == recs[::-1]
+    finally:
+        keys = [account_key(a, n) for a in (owned, fenced) for n in ("open", "pos", "day", "rate")]
+        keys += [
+            seen,
+            log_key(owned),
+            log_key(fenced),
+            f"{RISK_PREFIX}own:{owned}",
+            f"{RISK_PREFIX}own:{fenced}",
+        ]
+        await redis.delete(*keys)
+        await redis.srem(ACCOUNTS, owned)
+        await redis.aclose()
 
 
 async def test_scripts_flushed_in_redis_are_loaded_again(batcher: LuaBatcher, infra: Endpoints) -> None:

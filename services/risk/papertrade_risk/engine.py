@@ -47,7 +47,7 @@ from papertrade.money import fmt
 from papertrade.risk import AccountRiskState, Limits, check, reject, reserve_for
 from papertrade.risk.bucket import TokenBucket, take
 from papertrade.risk.state import can_change, day_to_json, state_from_redis
-from papertrade_risk.store import LuaBatcher, audit_item, seen_key
+from papertrade_risk.store import LuaBatcher, audit_item, seen_key, write_entry, write_item
 from papertrade_risk.tables import limits_table
 
 _log = structlog.get_logger("risk")
@@ -727,7 +727,7 @@ class RiskChecker:
         self._flush_due = False
         dirty, self._dirty = self._dirty, set()
         now = time.monotonic()
-        entries: list[dict[str, Any]] = []
+        entries: list[list[str]] = []
         batch: list[_Written] = []
         for account in dirty:
             slot = self.slots.get(account)
@@ -738,18 +738,16 @@ class RiskChecker:
             if refresh:
                 slot.rate_ttl_until = now + RATE_TTL_REFRESH
             entries.append(
-                {
-                    "a": account,
-                    "tok": slot.token,
-                    "o": _open_changes(slot.w_open, slot.state),
-                    "p": [x for pair in slot.w_pos.items() for x in pair],
-                    "day": slot.w_day,
-                    "seen": slot.w_seen,
-                    "rn": f"{rate.tokens:.6f}" if rate is not None else "",
-                    "rt": f"{rate.at:.6f}" if rate is not None else "",
-                    "rx": refresh,
-                    "new": not slot.listed,
-                }
+                write_entry(
+                    account,
+                    slot.token,
+                    _open_changes(slot.w_open, slot.state),
+                    [x for pair in slot.w_pos.items() for x in pair],
+                    slot.w_day,
+                    slot.w_seen,
+                    (f"{rate.tokens:.6f}", f"{rate.at:.6f}", refresh) if rate is not None else None,
+                    not slot.listed,
+                )
             )
             batch.append(
                 _Written(
@@ -773,7 +771,7 @@ class RiskChecker:
                 for w, status in zip(batch, statuses, strict=False):
                     self._written(w, status)
 
-            self.batcher.submit(orjson.dumps({"op": "w", "a": "", "ws": entries}), cont)
+            self.batcher.submit(write_item(entries), cont)
         if self.audit:
             self._flush_audit()
 
