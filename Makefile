@@ -8,18 +8,24 @@ PY := $(VENV)/bin/python
 # e.g. make up UP_ARGS="--no-demo --free-ports" (see python -m papertrade.stack up --help)
 UP_ARGS ?=
 
-.PHONY: up test lint typecheck pytest bench install clean book-native
+.PHONY: up test lint typecheck pytest bench install clean book-native bytecode
 
-install: $(VENV)/.installed book-native
+install: $(VENV)/.installed book-native bytecode
 
 $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --all-extras --python $(PYTHON)
+	$(UV) sync --frozen --all-extras --compile-bytecode --python $(PYTHON)
 	@touch $@
 
 # The matching engine compiled with mypyc (skipped when current; without a C compiler the
 # pure-Python engine, which behaves identically, is used).
 book-native: $(VENV)/.installed
 	-@$(PY) -m papertrade.book.build --quiet
+
+# Bytecode for our own sources (uv compiles site-packages). Where PYTHONDONTWRITEBYTECODE is set, as
+# on this project's machines and in the images, every process would otherwise compile what it
+# imports at start-up: about 2 s per service process here. Up to date, this takes 0.1 s.
+bytecode: $(VENV)/.installed
+	@$(PY) -m compileall -q -j 0 shared services
 
 .uv/bin/uv:
 	$(PYTHON) -m venv .uv
@@ -45,3 +51,4 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .uv .pytest_cache .mypy_cache .ruff_cache
+	find shared services tests bench -name __pycache__ -type d -prune -exec rm -rf {} +
