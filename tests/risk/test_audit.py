@@ -73,3 +73,23 @@ async def test_audit_lists_are_capped(infra: Endpoints) -> None:
     finally:
         await batcher.close()
         await redis.aclose()
+
+
+async def test_a_damaged_record_does_not_hide_the_others(infra: Endpoints) -> None:
+    from papertrade_risk import store
+
+    batcher = LuaBatcher(infra.redis_url)
+    redis = Redis.from_url(infra.redis_url)
+    checker = RiskChecker(batcher, cast(Any, None), flush=60.0)
+    svc = RiskService(cast(Any, None), checker, redis)
+    account = uuid.uuid4()
+    try:
+        _decide(checker, account, "1", True)
+        await checker.write_audit()
+        await redis.lpush(store.log_key(str(account)), b'{"not": "a decision"}')
+        _decide(checker, account, "2", False)
+        rows = await svc.decisions(str(account), 10)
+        assert [(r["qty"], r["decision"]) for r in rows] == [("2", "reject"), ("1", "approve")]
+    finally:
+        await batcher.close()
+        await redis.aclose()

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import orjson
 import pytest
 from redis.asyncio import Redis
 
+from papertrade import codec
+from papertrade.enums import OrderType, Side, TimeInForce
 from papertrade.keys import RISK_PREFIX
+from papertrade.messages import RiskCheckRequest
+from papertrade.risk import APPROVE
 from papertrade.stack.infra import Endpoints
+from papertrade_risk.engine import AuditRecord
 from papertrade_risk.store import (
     ACCOUNTS,
     LOG,
@@ -24,6 +32,21 @@ from papertrade_risk.store import (
     write_entry,
     write_item,
 )
+
+
+def _record(account: str, qty: int) -> bytes:
+    """A decision record as the audit keeps it."""
+    req = RiskCheckRequest(
+        order_id=uuid.uuid4(),
+        account_id=uuid.UUID(account),
+        symbol="AAPL",
+        side=Side.BUY,
+        type=OrderType.MARKET,
+        time_in_force=TimeInForce.DAY,
+        t=datetime.now(UTC),
+        qty=Decimal(qty),
+    )
+    return codec.encode(AuditRecord(at=time.time(), replica="r1", request=req, decision=APPROVE))
 
 
 def _other_db(url: str, db: int) -> str:
@@ -60,7 +83,7 @@ async def test_argument_items_and_json_ops_share_one_call(batcher: LuaBatcher, i
             write_entry(fenced, "r1 9", ["o2", '{"q":"1"}'], [], "", [], None, False),
         ]
     )  # fmt: skip
-    recs = [b'{"n":%d,"a":"%s"}' % (n, owned.encode()) for n in (1, 2, 3)]
+    recs = [_record(owned, n) for n in (1, 2, 3)]
     audit = audit_item([(owned, recs[0]), (fenced, recs[1]), (owned, recs[2])])
     try:
         await redis.hset(account_key(owned, "open"), "o0", "x")
@@ -93,6 +116,8 @@ async def test_argument_items_and_json_ops_share_one_call(batcher: LuaBatcher, i
             f"{RISK_PREFIX}own:{fenced}",
         ]
         await redis.delete(*keys)
+        for rec in recs:
+            await redis.lrem(LOG, 0, rec.decode())
         await redis.srem(ACCOUNTS, owned)
         await redis.aclose()
 

@@ -342,7 +342,13 @@ class RiskService:
         await self.checker.write_audit()
         key = log_key(account_id) if account_id else LOG
         raw = await self.redis.lrange(key, 0, limit - 1)
-        return [codec.decode(r, AuditRecord).flat() for r in raw]
+        out = []
+        for r in raw:
+            try:
+                out.append(codec.decode(r, AuditRecord).flat())
+            except ValidationError as exc:  # one damaged entry must not hide the others
+                _log.warning("unreadable decision record skipped", key=key, error=str(exc))
+        return out
 
     # --- kill switches -----------------------------------------------------------------------------
 
