@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
+import pytest
 from redis.asyncio import Redis
 
 from papertrade.risk import APPROVE, reject
@@ -54,42 +56,43 @@ async def test_audit_survives_an_outage_in_order(infra: Endpoints) -> None:
         await redis.aclose()
 
 
-async def test_audit_lists_are_capped(infra: Endpoints) -> None:
+@pytest.fixture
+async def audited(infra: Endpoints) -> AsyncIterator[tuple[RiskChecker, RiskService, Redis]]:
+    """A checker whose audit reaches Redis only when asked (`write_audit`, `decisions`)."""
+    batcher = LuaBatcher(infra.redis_url)
+    redis = Redis.from_url(infra.redis_url)
+    checker = RiskChecker(batcher, cast(Any, None), flush=60.0)
+    try:
+        yield checker, RiskService(cast(Any, None), checker, redis), redis
+    finally:
+        await batcher.close()
+        await redis.aclose()
+
+
+async def test_audit_lists_are_capped(audited: tuple[RiskChecker, RiskService, Redis]) -> None:
     """More records than a flush carries: written over several flushes, the lists keep their caps."""
     from papertrade_risk import engine, store
 
-    batcher = LuaBatcher(infra.redis_url)
-    redis = Redis.from_url(infra.redis_url)
-    checker = RiskChecker(batcher, cast(Any, None), flush=60.0)
-    svc = RiskService(cast(Any, None), checker, redis)
+    checker, svc, redis = audited
     account = uuid.uuid4()
-    try:
-        for i in range(store.LOG_PER_ACCOUNT + engine.AUDIT_PER_FLUSH // 2):
-            _decide(checker, account, str(i + 1), True)
-        rows = await svc.decisions(str(account), 100_000)
-        assert len(rows) == store.LOG_PER_ACCOUNT
-        assert rows[0]["qty"] == str(store.LOG_PER_ACCOUNT + engine.AUDIT_PER_FLUSH // 2)
-        assert await redis.llen(store.LOG) <= store.LOG_ALL
-    finally:
-        await batcher.close()
-        await redis.aclose()
+    for i in range(store.LOG_PER_ACCOUNT + engine.AUDIT_PER_FLUSH // 2):
+        _decide(checker, account, str(i + 1), True)
+    rows = await svc.decisions(str(account), 100_000)
+    assert len(rows) == store.LOG_PER_ACCOUNT
+    assert rows[0]["qty"] == str(store.LOG_PER_ACCOUNT + engine.AUDIT_PER_FLUSH // 2)
+    assert await redis.llen(store.LOG) <= store.LOG_ALL
 
 
-async def test_a_damaged_record_does_not_hide_the_others(infra: Endpoints) -> None:
+async def test_a_damaged_record_does_not_hide_the_others(
+    audited: tuple[RiskChecker, RiskService, Redis],
+) -> None:
     from papertrade_risk import store
 
-    batcher = LuaBatcher(infra.redis_url)
-    redis = Redis.from_url(infra.redis_url)
-    checker = RiskChecker(batcher, cast(Any, None), flush=60.0)
-    svc = RiskService(cast(Any, None), checker, redis)
+    checker, svc, redis = audited
     account = uuid.uuid4()
-    try:
-        _decide(checker, account, "1", True)
-        await checker.write_audit()
-        await redis.lpush(store.log_key(str(account)), b'{"not": "a decision"}')
-        _decide(checker, account, "2", False)
-        rows = await svc.decisions(str(account), 10)
-        assert [(r["qty"], r["decision"]) for r in rows] == [("2", "reject"), ("1", "approve")]
-    finally:
-        await batcher.close()
-        await redis.aclose()
+    _decide(checker, account, "1", True)
+    await checker.write_audit()
+    await redis.lpush(store.log_key(str(account)), b'{"not": "a decision"}')
+    _decide(checker, account, "2", False)
+    rows = await svc.decisions(str(account), 10)
+    assert [(r["qty"], r["decision"]) for r in rows] == [("2", "reject"), ("1", "approve")]

@@ -23,8 +23,8 @@ decides from memory and writes the changes behind with one `W` item per flush (a
 account), each entry applied only while `own:<account>` still holds the writer's token (replica
 and fence). The decisions' audit records ride in the same script call (`audit_item`). Those two run
 on every flush, so they are plain script arguments that Lua reads in place (decoding them as JSON, or
-matching records out of one string, cost Redis about a third of its time per check); the rare ops are
-one JSON argument each. The script answers one JSON document per batch (parsing nested RESP arrays
+matching records out of one string, was about a third of the script's time on an idle Redis); the
+rare ops are one JSON argument each. The script answers one JSON document per batch (parsing nested RESP arrays
 in Python is slow); calls from many concurrent callers are batched into one script call
 (`LuaBatcher`).
 """
