@@ -117,8 +117,6 @@ def create_app(
         await ctx.links.open()
         for hook in on_startup:
             await hook(ctx)
-        # What start-up built (modules, the app, pools, caches) lives as long as the process: out of
-        # the collector's sight, so that a full collection no longer walks it again and again.
         settle_heap()
         ctx.log.info("service started")
         try:
