@@ -1,14 +1,15 @@
 """`ack_refusal` on the answers a real NATS server gives to JetStream publishes: stored, a duplicate
-(stored earlier), no stream for the subject, and a stream's own error."""
+(stored earlier), no stream for the subject, and a stream's own error; `stored_at` on a delivery."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import nats
 from nats.js.api import DiscardPolicy, StreamConfig
 
-from papertrade.bus.streams import ack_refusal
+from papertrade.bus.streams import ack_refusal, stored_at
 from papertrade.stack.infra import Endpoints
 
 
@@ -48,3 +49,27 @@ def test_ack_refusal_without_a_server() -> None:
         "boom (code 10077)"
     )
     assert ack_refusal(None, b'{"error": not json') == "unreadable ack: b'{\"error\": not json'"
+
+
+async def test_stored_at_reads_a_deliverys_storage_time(infra: Endpoints) -> None:
+    """`stored_at` gives the time the server stored a delivered message (what the ledger's
+    fill-to-commit histogram starts from), and None for anything that is not a JetStream delivery."""
+    nc = await nats.connect(infra.nats_url)
+    js = nc.jetstream()
+    name = f"STORED_{uuid.uuid4().hex[:8].upper()}"
+    subject = f"storedtest.{name.lower()}"
+    await js.add_stream(StreamConfig(name=name, subjects=[subject]))
+    try:
+        before = time.time()
+        await js.publish(subject, b"x")
+        after = time.time()
+        sub = await js.pull_subscribe(subject, stream=name)
+        (msg,) = await sub.fetch(1, timeout=5)
+        stored = stored_at(msg.reply)
+        assert stored is not None and before - 1 <= stored <= after + 1
+        assert abs(stored - msg.metadata.timestamp.timestamp()) < 1e-5  # nats-py reads the same field
+        assert stored_at(None) is None and stored_at("_INBOX.abc") is None
+        assert stored_at("$JS.ACK.too.short") is None
+    finally:
+        await js.delete_stream(name)
+        await nc.close()

@@ -48,6 +48,7 @@ from papertrade import codec
 from papertrade.bus import subjects
 from papertrade.bus.connect import connect_nats
 from papertrade.bus.pull import exec_puller
+from papertrade.bus.streams import stored_at
 from papertrade.enums import ExecType, OrderStatus, Side
 from papertrade.errors import ValidationError
 from papertrade.ledger import CommissionModel, PositionState, apply_fill, cash_delta
@@ -207,8 +208,8 @@ BATCH_SECONDS = Histogram(
 )
 FILL_TO_COMMIT = Histogram(
     "papertrade_broker_fill_to_commit_seconds",
-    "From a fill report's time to its ledger commit",
-    buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+    "From a fill report's storage in the exec stream (JetStream's clock) to its ledger commit",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 5),
 )
 
 _EVENT_OF = {
@@ -237,7 +238,7 @@ class _Batch:
     fees: dict[UUID, Decimal] = field(default_factory=dict)
     realized: dict[UUID, Decimal] = field(default_factory=dict)
     updates: list[tuple[UUID, TradeUpdate]] = field(default_factory=list)
-    fill_times: list[float] = field(default_factory=list)
+    fills: list[ExecReport] = field(default_factory=list)  # the fill reports booked
     unreplace: set[UUID] = field(default_factory=set)
 
 
@@ -305,7 +306,7 @@ class LedgerConsumer:
             _log.warning("batch failed, applying one by one", error=repr(exc), size=len(valid))
             await self._one_by_one(reports)
             return
-        await self._after_commit(batch)
+        await self._after_commit(batch, reports)
         await self._ack([msg for msg, _ in reports])
 
     async def _consume(self) -> None:
@@ -354,7 +355,7 @@ class LedgerConsumer:
                         with contextlib.suppress(Exception):
                             await msg.nak(delay=self.retry_delay)
                     continue
-                await self._after_commit(one)
+                await self._after_commit(one, [(msg, report)])
             await self._send(msg, _ACK)
 
     async def _ack(self, msgs: Sequence[Msg]) -> None:
@@ -366,10 +367,14 @@ class LedgerConsumer:
         if nc is not None and msg.reply:
             await nc.publish(msg.reply, what)
 
-    async def _after_commit(self, batch: _Batch) -> None:
-        now = time.time()
-        for t in batch.fill_times:
-            FILL_TO_COMMIT.observe(max(now - t, 0.0))
+    async def _after_commit(self, batch: _Batch, reports: Sequence[tuple[Msg, ExecReport | None]]) -> None:
+        """Time the fills booked (from their storage in the stream) and publish the trade updates."""
+        if batch.fills:
+            now = time.time()
+            booked = {id(r) for r in batch.fills}
+            for msg, report in reports:
+                if id(report) in booked and (stored := stored_at(msg.reply)) is not None:
+                    FILL_TO_COMMIT.observe(max(now - stored, 0.0))
         nc = self._nc
         assert nc is not None
         for account_id, upd in batch.updates:
@@ -637,7 +642,7 @@ class LedgerConsumer:
                 "recorded_at": now,
             }
         )
-        batch.fill_times.append(report.t.timestamp())
+        batch.fills.append(report)
         _counter("fill", "applied").inc()
         batch.updates.append(
             (
