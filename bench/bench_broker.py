@@ -514,20 +514,21 @@ async def _settle(ep: Endpoints, durable: str, obs: _Observer, account_ids: set[
 
 
 async def _stream_fills(js: Any, account_ids: set[str]) -> int:
-    """The distinct fill reports of `account_ids` in the exec stream (read after the load, off the clock)."""
-    sub = await js.pull_subscribe("ex.exec.>", stream="EX_EXEC")
+    """The distinct fill reports of `account_ids` in the exec stream (read after the load, off the clock,
+    with an ordered consumer: no acks, no ack-pending limit)."""
+    sub = await js.subscribe("ex.exec.>", stream="EX_EXEC", ordered_consumer=True, pending_msgs_limit=-1)
     seen: set[tuple[str, str]] = set()
     try:
         while True:
             try:
-                msgs = await sub.fetch(5_000, timeout=2)
+                msg = await sub.next_msg(timeout=5)
             except nats.errors.TimeoutError:
                 break
-            for msg in msgs:
-                r = orjson.loads(msg.data)
-                if r.get("exec") == "fill" and r.get("account_id") in account_ids:
-                    seen.add((r["exec_id"], r["order_id"]))
-            await asyncio.gather(*(m.ack() for m in msgs))
+            r = orjson.loads(msg.data)
+            if r.get("exec") == "fill" and r.get("account_id") in account_ids:
+                seen.add((r["exec_id"], r["order_id"]))
+            if msg.metadata.num_pending == 0:
+                break
     finally:
         await sub.unsubscribe()
     return len(seen)
