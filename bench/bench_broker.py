@@ -8,9 +8,11 @@ Method. Embedded NATS/Postgres/Redis (or NATS_URL/DATABASE_URL/REDIS_URL), the r
 in the watchlist. Orders are limit orders at one price, alternating buy and sell, so every sell
 crosses a resting buy and both sides fill: each order makes an `accepted` report and a fill.
 
-- single: one aiohttp client, sequential. submit-to-ack = POST /v2/orders until its 200 (the order is
-  validated, risk answered over NATS, the order committed to Postgres and its command acked by
-  JetStream). submit-to-fill-update = POST sent until this process receives the order's `fill` trade
+- single: one client, sequential (a minimal HTTP/1.1 client on one keep-alive connection: aiohttp
+  costs ~0.2 ms of CPU per request on the same two cores). submit-to-ack = POST /v2/orders until
+  its 200 (the order is validated, risk answered over NATS, the order committed to Postgres and its
+  command on its way to the book; JetStream's ack of it is awaited in the background).
+  submit-to-fill-update = POST sent until this process receives the order's `fill` trade
   update on `broker.event.<account>` (book matched, report consumed, ledger committed, published).
 - load: 50 concurrent clients for the duration, 50 accounts (even ones buy, odd ones sell); orders/s =
   200 answers per second; errors = any other answer or a transport error. The clients are wrk (a C
@@ -27,7 +29,7 @@ crosses a resting buy and both sides fill: each order makes an `accepted` report
   process (report seen on `ex.exec.>` -> its trade update seen on `broker.event.>`: an upper bound
   that includes publishing the update), at ~0.05 ms of this process's CPU per order.
 Floors: the HTTP floor (`floor_http.py`: a minimal FastAPI POST) is measured in the same run with the
-same client code (sequential aiohttp, then the same load generator), once the stack is idle; the
+same client code (the same sequential client, then the same load generator), once the stack is idle; the
 ratios of the HTTP figures are to it. NATS request/reply and a Postgres commit are re-measured in the
 same run too; ../shared/bench/FLOORS.md's figures are printed beside (the machine's speed varies
 between days: compare ratios from one run). Writes bench/results/broker.json.
@@ -232,23 +234,61 @@ async def _sequential(
     url: str, buyer: dict[str, Any], seller: dict[str, Any], n: int
 ) -> tuple[list[float], dict[str, float]]:
     """`n` orders one after the other (after 50 of warm-up), buys and sells in turn: each one's
-    submit-to-answer seconds, and when each order (by id) was sent."""
+    submit-to-answer seconds, and when each order (by id) was sent. One keep-alive connection and a
+    minimal client (`_RawHttp`): aiohttp spends ~0.2 ms of CPU per request, on the two cores the
+    stack runs on."""
     ack: list[float] = []
     sent: dict[str, float] = {}
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2)) as session:
+    client = await _RawHttp.connect(url)
+    try:
         for i in range(n + 50):
             acct = buyer if i % 2 == 0 else seller
             body = _order_body("buy" if i % 2 == 0 else "sell")
             t0 = time.perf_counter()
-            async with session.post(f"{url}/v2/orders", data=orjson.dumps(body), headers=_headers(acct)) as r:
-                data = await r.read()
+            status, data = await client.post("/v2/orders", orjson.dumps(body), _headers(acct))
             t1 = time.perf_counter()
-            if r.status != 200:
-                raise RuntimeError(f"single order failed: {r.status} {data[:200]!r}")
+            if status != 200:
+                raise RuntimeError(f"single order failed: {status} {data[:200]!r}")
             if i >= 50:  # warm-up excluded
                 ack.append(t1 - t0)
                 sent[orjson.loads(data)["id"]] = t0
+    finally:
+        client.close()
     return ack, sent
+
+
+class _RawHttp:
+    """HTTP/1.1 POSTs one at a time on one keep-alive connection: the request written whole, the
+    answer read by its Content-Length (what the broker and the floor send)."""
+
+    def __init__(self, host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.host = host
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, url: str) -> _RawHttp:
+        parsed = httpx.URL(url)
+        reader, writer = await asyncio.open_connection(parsed.host, parsed.port)
+        return cls(f"{parsed.host}:{parsed.port}", reader, writer)
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        head = f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-length: {len(body)}\r\n{lines}\r\n"
+        self.writer.write(head.encode() + body)
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        status_line, *fields = raw.decode("latin-1").split("\r\n")
+        length = None
+        for field in fields:
+            name, _, value = field.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        if length is None:
+            raise RuntimeError(f"answer without content-length: {raw[:200]!r}")
+        return int(status_line.split(" ", 2)[1]), await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 async def _rest(url: str, buyer: dict[str, Any], seller: dict[str, Any], n: int) -> None:
@@ -949,14 +989,14 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
             FLOOR_PG_P50_MS,
         ),
         row(
-            "floor: HTTP sequential p50 (this run, aiohttp client)",
+            "floor: HTTP sequential p50 (this run, same client)",
             ms(f["floor_http_p50"]),
             "ms",
             "FLOORS.md (raw socket)",
             FLOOR_HTTP_P50_MS,
         ),
         row(
-            "floor: HTTP sequential p99 (this run, aiohttp client)",
+            "floor: HTTP sequential p99 (this run, same client)",
             ms(f["floor_http_p99"]),
             "ms",
             "FLOORS.md (raw socket)",
