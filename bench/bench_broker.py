@@ -82,6 +82,7 @@ SYMBOL = "BNCH"
 PRICE = "100"
 RESULTS = ROOT / "bench" / "results" / "broker.json"
 
+WRK_THREADS = 2  # one per core
 FLOOR_HTTP_RPS = 4940.0  # FLOORS.md: minimal FastAPI POST, 50 connections, wrk
 FLOOR_HTTP_P50_MS = 0.29  # FLOORS.md: same, sequential, raw-socket client
 FLOOR_HTTP_P99_MS = 0.51
@@ -108,6 +109,12 @@ def main() -> int:
         help="the load generator (auto: wrk when installed)",
     )
     parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="pace the load at this many orders/s in all (wrk only; default: as fast as the stack answers)",
+    )
+    parser.add_argument(
         "--observe",
         action="store_true",
         help="also time every fill live in this process (report seen -> trade update seen; costs CPU)",
@@ -115,6 +122,8 @@ def main() -> int:
     args = parser.parse_args()
     seconds = args.seconds or (60.0 if args.full else 10.0)
     loadgen = _loadgen(args.loadgen)
+    if args.rate is not None and loadgen != "wrk":
+        parser.error("--rate needs wrk as the load generator")
     console = Console()
     with ExitStack() as stack:
         endpoints = _endpoints(stack)
@@ -152,6 +161,7 @@ def main() -> int:
                     pids,
                     loadgen,
                     args.observe,
+                    args.rate,
                 )
             )
         finally:
@@ -176,6 +186,7 @@ async def _run(
     pids: dict[str, int],
     loadgen: str,
     observe: bool,
+    rate: float | None,
 ) -> dict[str, Any]:
     accounts = _accounts(url, clients + 2)
     observer = _Observer({a["id"] for a in accounts})
@@ -189,9 +200,16 @@ async def _run(
     committed_before = _fill_to_commit(url)
     console.print(f"load: {clients} clients ({loadgen}) for {seconds:g} s ...")
     samplers: list[_CpuSampler] = []
-    load = _load_wrk if loadgen == "wrk" else _load
-    figures |= await load(url, accounts[2:], seconds, lambda: samplers.append(_CpuSampler(pids)))
+
+    def counting() -> None:  # from the end of the warm-up
+        samplers.append(_CpuSampler(pids))
+
+    if loadgen == "wrk":
+        figures |= await _load_wrk(url, accounts[2:], seconds, counting, rate)
+    else:
+        figures |= await _load(url, accounts[2:], seconds, counting)
     figures["loadgen"] = loadgen
+    figures["rate"] = rate
     cpu = samplers[0]  # from the end of the warm-up (first requests of a key pair pay its scrypt)
     used = cpu.seconds()
     if "loadgen_cpu" in figures:  # wrk's own CPU (its rusage), counted with the clients
@@ -409,11 +427,15 @@ async def _load(
 
 
 async def _load_wrk(
-    url: str, accounts: list[dict[str, Any]], seconds: float, counting: Callable[[], None]
+    url: str,
+    accounts: list[dict[str, Any]],
+    seconds: float,
+    counting: Callable[[], None],
+    rate: float | None = None,
 ) -> dict[str, Any]:
     """`seconds` of load from wrk (one thread per core, one connection per client), after every key
     pair has been verified once (its scrypt is not part of the load) and a warm-up run that has every
-    account submit at least once."""
+    account submit at least once; with `rate`, paced at that many requests/s in all (`_wrk_script`)."""
     async with aiohttp.ClientSession() as session:
 
         async def verified(acct: dict[str, Any]) -> None:
@@ -428,7 +450,18 @@ async def _load_wrk(
         target = f"{url}/v2/orders"
         warm = ["wrk", "-t1", f"-c{len(accounts)}", "-d2s", "-s", str(script), target]
         await asyncio.to_thread(subprocess.run, warm, capture_output=True, check=True)
-        argv = ["wrk", "-t2", f"-c{len(accounts)}", f"-d{seconds:g}s", "--latency", "-s", str(script), target]
+        if rate is not None:
+            script.write_text(_wrk_script(accounts, rate / WRK_THREADS))
+        argv = [
+            "wrk",
+            f"-t{WRK_THREADS}",
+            f"-c{len(accounts)}",
+            f"-d{seconds:g}s",
+            "--latency",
+            "-s",
+            str(script),
+        ]
+        argv.append(target)
         counting()
         start = time.perf_counter()
         out, cpu = await asyncio.to_thread(_run_timed, argv)
@@ -451,9 +484,12 @@ async def _load_wrk(
     }
 
 
-def _wrk_script(accounts: list[dict[str, Any]]) -> str:
+def _wrk_script(accounts: list[dict[str, Any]], thread_rate: float | None = None) -> str:
     """wrk's Lua: each request is the next account's order (even accounts buy, odd ones sell); any
-    answer but 200 is printed (up to 5) as `ERR <status> <body>`."""
+    answer but 200 is printed (up to 5) as `ERR <status> <body>`. With `thread_rate`, each wrk thread
+    sends at most that many requests/s: every request takes the thread's next slot (a monotonic clock
+    through LuaJIT's FFI) and its connection waits for it; slots missed while every connection was
+    busy are not made up (the rate reached is what is reported)."""
     lines = ["local orders = {}"]
     for i, acct in enumerate(accounts):
         headers = ", ".join(f'["{k}"] = "{v}"' for k, v in _headers(acct).items())
@@ -476,6 +512,32 @@ response = function(status, headers, body)
 end
 """
     )
+    if thread_rate is not None:
+        lines.append(
+            f"""
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct {{ long tv_sec; long tv_nsec; }} pt_timespec;
+int clock_gettime(int clk, pt_timespec *tp);
+]]
+local ts = ffi.new("pt_timespec")
+local function now_ms()
+  ffi.C.clock_gettime(1, ts)  -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
+local interval = {1000.0 / thread_rate!r}
+local next_at = nil
+delay = function()
+  local t = now_ms()
+  if next_at == nil or next_at < t then
+    next_at = t
+  end
+  local wait = next_at - t
+  next_at = next_at + interval
+  return wait
+end
+"""
+        )
     return "\n".join(lines)
 
 
@@ -893,6 +955,7 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
         return None if v is None else round(v * 1000, 3)
 
     held = f" (accounts holding {f['resting']} open orders)" if f.get("resting") else ""
+    pace = f", paced at {f['rate']:g}/s" if f.get("rate") else ""
     rows: list[dict[str, Any]] = [
         row(
             f"single order submit-to-ack p50{held}",
@@ -911,7 +974,7 @@ def _report(f: dict[str, Any], seconds: float, clients: int, console: Console) -
         row("single order submit-to-fill-update p50", ms(f["single_fill_p50"]), "ms", None, None),
         row("single order submit-to-fill-update p99", ms(f["single_fill_p99"]), "ms", None, None),
         row(
-            f"{clients} clients ({f['loadgen']}), {seconds:g} s: orders/s",
+            f"{clients} clients ({f['loadgen']}{pace}), {seconds:g} s: orders/s",
             round(f["load_rps"], 1),
             "orders/s",
             f"HTTP floor req/s, this run ({f['loadgen']})",
