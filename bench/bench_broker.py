@@ -197,7 +197,7 @@ async def _run(
         await _rest(url, accounts[0], accounts[1], resting)
     console.print(f"single-order latency: {single} sequential orders ...")
     figures |= await _single(url, accounts[0], accounts[1], observer, single)
-    committed_before = _fill_to_commit(url)
+    committed_before = _fill_to_commit(_metrics(url))
     console.print(f"load: {clients} clients ({loadgen}) for {seconds:g} s ...")
     samplers: list[_CpuSampler] = []
 
@@ -220,8 +220,9 @@ async def _run(
     figures["loadavg"] = os.getloadavg()[0]
     console.print("waiting for the ledger to book every fill ...")
     figures |= await _settle(ep, durable, observer, {a["id"] for a in accounts[2:]})
-    figures |= _fill_to_commit_figures(committed_before, _fill_to_commit(url))
-    figures |= _ledger_metrics(url)
+    metrics = _metrics(url)
+    figures |= _fill_to_commit_figures(committed_before, _fill_to_commit(metrics))
+    figures |= _ledger_metrics(metrics)
     figures |= await _floors(ep)
     await observer.stop()
     return figures
@@ -452,16 +453,8 @@ async def _load_wrk(
         await asyncio.to_thread(subprocess.run, warm, capture_output=True, check=True)
         if rate is not None:
             script.write_text(_wrk_script(accounts, rate / WRK_THREADS))
-        argv = [
-            "wrk",
-            f"-t{WRK_THREADS}",
-            f"-c{len(accounts)}",
-            f"-d{seconds:g}s",
-            "--latency",
-            "-s",
-            str(script),
-        ]
-        argv.append(target)
+        threads, connections = f"-t{WRK_THREADS}", f"-c{len(accounts)}"
+        argv = ["wrk", threads, connections, f"-d{seconds:g}s", "--latency", "-s", str(script), target]
         counting()
         start = time.perf_counter()
         out, cpu = await asyncio.to_thread(_run_timed, argv)
@@ -587,7 +580,7 @@ async def _settle(ep: Endpoints, durable: str, obs: _Observer, account_ids: set[
     stable_since = time.perf_counter()
     deadline = time.perf_counter() + 180
     while time.perf_counter() < deadline:
-        info = await js.consumer_info("EX_EXEC", durable)
+        info = await js.consumer_info(subjects.STREAM_EX_EXEC, durable)
         if info.num_pending == 0 and info.num_ack_pending == 0:
             if time.perf_counter() - stable_since > 2.0:
                 break
@@ -618,7 +611,9 @@ async def _settle(ep: Endpoints, durable: str, obs: _Observer, account_ids: set[
 async def _stream_fills(js: Any, account_ids: set[str]) -> int:
     """The distinct fill reports of `account_ids` in the exec stream (read after the load, off the clock,
     with an ordered consumer: no acks, no ack-pending limit)."""
-    sub = await js.subscribe("ex.exec.>", stream="EX_EXEC", ordered_consumer=True, pending_msgs_limit=-1)
+    sub = await js.subscribe(
+        subjects.EX_EXEC_ALL, stream=subjects.STREAM_EX_EXEC, ordered_consumer=True, pending_msgs_limit=-1
+    )
     seen: set[tuple[str, str]] = set()
     try:
         while True:
@@ -636,10 +631,14 @@ async def _stream_fills(js: Any, account_ids: set[str]) -> int:
     return len(seen)
 
 
-def _fill_to_commit(url: str) -> dict[float, float]:
-    """The ledger's fill-to-commit histogram from the broker's /metrics: cumulative count per bucket
-    bound (seconds; inf for +Inf)."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+def _metrics(url: str) -> str:
+    """The broker's /metrics (the ledger process's are relayed there)."""
+    return httpx.get(f"{url}/metrics", timeout=10).text
+
+
+def _fill_to_commit(text: str) -> dict[float, float]:
+    """The ledger's fill-to-commit histogram in the broker's /metrics `text`: cumulative count per
+    bucket bound (seconds; inf for +Inf)."""
     buckets: dict[float, float] = {}
     for m in re.finditer(
         r'^papertrade_broker_fill_to_commit_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M
@@ -677,9 +676,9 @@ def _fill_to_commit_figures(before: dict[float, float], after: dict[float, float
     }
 
 
-def _ledger_metrics(url: str) -> dict[str, Any]:
-    """From the broker's /metrics (whole run): ledger batches, their mean size and mean apply+commit time."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+def _ledger_metrics(text: str) -> dict[str, Any]:
+    """From the broker's /metrics `text` (whole run): ledger batches, their mean size and mean
+    apply+commit time."""
     values: dict[str, float] = {}
     reports = 0.0
     for line in text.splitlines():
@@ -814,7 +813,6 @@ class _Observer:
         self.fill_accounts: dict[tuple[str, str], str] = {}
         self.update_at: dict[tuple[str, str], float] = {}
         self.filled_at: dict[str, float] = {}
-        self.fill_reports = 0
         self._nc: Any = None
 
     async def start(self, nats_url: str, only: list[str] | None) -> None:
@@ -823,8 +821,8 @@ class _Observer:
         self._nc = await nats.connect(nats_url, pending_size=512 * 1024 * 1024)
         limits = {"pending_msgs_limit": 10_000_000, "pending_bytes_limit": -1}
         if only is None:
-            await self._nc.subscribe("ex.exec.>", cb=self._on_report, **limits)
-            await self._nc.subscribe("broker.event.>", cb=self._on_update, **limits)
+            await self._nc.subscribe(subjects.EX_EXEC_ALL, cb=self._on_report, **limits)
+            await self._nc.subscribe(subjects.BROKER_EVENT_ALL, cb=self._on_update, **limits)
         else:
             for account in only:
                 await self._nc.subscribe(subjects.broker_event(account), cb=self._on_update, **limits)
@@ -842,7 +840,6 @@ class _Observer:
         if key not in self.report_at:
             self.report_at[key] = t
             self.fill_accounts[key] = r["account_id"]
-            self.fill_reports += 1
 
     async def _on_update(self, msg: Any) -> None:
         t = time.perf_counter()
