@@ -7,6 +7,7 @@ import time
 import uuid
 
 import nats
+from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy, StreamConfig
 
 from papertrade.bus.streams import ack_refusal, stored_at
@@ -65,11 +66,12 @@ async def test_stored_at_reads_a_deliverys_storage_time(infra: Endpoints) -> Non
         after = time.time()
         sub = await js.pull_subscribe(subject, stream=name)
         (msg,) = await sub.fetch(1, timeout=5)
-        stored = stored_at(msg.reply)
+        stored = stored_at(msg)
         assert stored is not None and before - 1 <= stored <= after + 1
         assert abs(stored - msg.metadata.timestamp.timestamp()) < 1e-5  # nats-py reads the same field
-        assert stored_at(None) is None and stored_at("_INBOX.abc") is None
-        assert stored_at("$JS.ACK.too.short") is None
+        assert stored_at(Msg(nc, subject="x")) is None  # no reply
+        assert stored_at(Msg(nc, subject="x", reply="_INBOX.abc")) is None
+        assert stored_at(Msg(nc, subject="x", reply="$JS.ACK.too.short")) is None
     finally:
         await js.delete_stream(name)
         await nc.close()

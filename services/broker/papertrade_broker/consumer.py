@@ -373,7 +373,7 @@ class LedgerConsumer:
             now = time.time()
             booked = {id(r) for r in batch.fills}
             for msg, report in reports:
-                if id(report) in booked and (stored := stored_at(msg.reply)) is not None:
+                if id(report) in booked and (stored := stored_at(msg)) is not None:
                     FILL_TO_COMMIT.observe(max(now - stored, 0.0))
         nc = self._nc
         assert nc is not None

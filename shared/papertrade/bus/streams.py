@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import orjson
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -18,10 +19,6 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from papertrade.bus import subjects
-
-#: tokens of a JetStream ack subject: without a domain (v1), with a domain and account hash (v2)
-_ACK_V1_TOKENS = 9
-_ACK_V2_TOKENS = 12
 
 #: Bars: a bounded history per subject so a strategy starting late can warm up.
 MD_STREAM = StreamConfig(
@@ -90,20 +87,13 @@ def ack_refusal(headers: Mapping[str, str] | None, data: bytes) -> str | None:
     return str(error)
 
 
-def stored_at(reply: str | None) -> float | None:
-    """When JetStream stored a delivered message (unix seconds, the server's clock), read from its
-    reply subject (`$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>`,
-    or the longer form with a domain and an account hash); None if it is not a JetStream delivery."""
-    if not reply or not reply.startswith("$JS.ACK."):
+def stored_at(msg: Msg) -> float | None:
+    """When JetStream stored a delivered message (unix seconds, the server's clock: nats-py reads it
+    from the delivery's reply subject); None if `msg` is not a JetStream delivery."""
+    try:
+        return msg.metadata.timestamp.timestamp()
+    except Exception:  # no reply, or not a `$JS.ACK` subject nats-py can read
         return None
-    tokens = reply.split(".")
-    if len(tokens) == _ACK_V1_TOKENS:
-        ns = tokens[7]
-    elif len(tokens) >= _ACK_V2_TOKENS - 1:
-        ns = tokens[9]
-    else:
-        return None
-    return int(ns) / 1e9 if ns.isdigit() else None
 
 
 async def exec_consumer(js: JetStreamContext, durable: str) -> JetStreamContext.PullSubscription:
