@@ -9,6 +9,7 @@ unknown account) so that the strategy-runner can mint a key pair for an existing
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -20,7 +21,8 @@ from starlette.middleware import Middleware
 from papertrade.db import migrate_async
 from papertrade.service import ServiceContext, create_app
 from papertrade.service.errors import error_response
-from papertrade_broker import hotpath
+from papertrade.timeutil import utcnow
+from papertrade_broker import hotpath, recovery
 from papertrade_broker.consumer import LedgerProcess
 from papertrade_broker.desk import Desk
 from papertrade_broker.market import Market
@@ -55,6 +57,13 @@ def build_app(settings: BrokerSettings | None = None) -> FastAPI:
         desk = Desk(ctx, Market(ctx.links.redis), settings.risk_timeout, engine, pool, settings.risk_batch)
         desk.start()
         ctx.state["desk"] = desk
+        started = utcnow()
+        ctx.spawn(
+            recovery.recover_in_background(
+                settings.recovery_grace, functools.partial(desk.recover_pending, started), ctx.stopping
+            ),
+            "broker-recovery",
+        )
         runner = LedgerProcess(settings, settings.ledger_durable)
         ctx.state["ledger"] = runner
         runner.start()

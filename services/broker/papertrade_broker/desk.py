@@ -42,7 +42,7 @@ from papertrade.money import ZERO, check_tick, fmt, to_decimal
 from papertrade.service import ApiError, ServiceContext
 from papertrade.symbols import normalize_symbol
 from papertrade.timeutil import utcnow
-from papertrade_broker import auth, hotpath
+from papertrade_broker import auth, hotpath, recovery
 from papertrade_broker.market import Market
 from papertrade_broker.requests import AccountRequest, OrderRequest, ReplaceRequest
 from papertrade_broker.tables import OPEN_STATUSES, accounts, api_keys, order_holds, orders, positions
@@ -403,6 +403,13 @@ class Desk:
         )
         await self._route(spec.symbol, codec.encode(cmd), f"{order_id}:replace:{new_id}", new_id)
         return order_view(row)
+
+    async def recover_pending(self, started: datetime) -> recovery.Outcome:
+        """The orders a stopped broker left between commit and command, before `started`
+        (`papertrade_broker.recovery`): rejected if their command never reached EX_CMD, cancels sent again."""
+        return await recovery.recover(
+            self.engine, self.ctx.links.js, started, self._release_risk, self.market.exchange_time
+        )
 
     # --- orders: read side ----------------------------------------------------------------------
 

@@ -21,5 +21,8 @@ class BrokerSettings(ServiceSettings):
     ledger_durable: str = Field("broker-ledger", validation_alias="BROKER_LEDGER_DURABLE")
     #: Postgres connections the broker keeps (and as many again on a burst) (`BROKER_DB_POOL_SIZE`).
     db_pool_size: int = Field(30, validation_alias="BROKER_DB_POOL_SIZE", ge=1, le=200)
+    #: Seconds after start-up before the orders a stopped broker left between commit and command are
+    #: recovered (`BROKER_RECOVERY_GRACE`; `papertrade_broker.recovery`).
+    recovery_grace: float = Field(5.0, validation_alias="BROKER_RECOVERY_GRACE", ge=0.0, le=3600.0)
     #: Run Alembic migrations at start-up (`BROKER_MIGRATE`).
     migrate: bool = Field(True, validation_alias="BROKER_MIGRATE")
