@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import nats
+import orjson
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
@@ -72,6 +73,7 @@ def test_orders_left_between_commit_and_command_are_recovered_at_start(
         assert held is not None and held[0] == Decimal("250")
     asyncio.run(_publish_new(infra.nats_url, routed, account))
     cancels = _Listener(infra.nats_url, subjects.ex_cmd(SYMBOL))
+    events = _Listener(infra.nats_url, subjects.broker_event(account))
 
     proc, url = launch("broker", env, tmp_path / "second")
     try:
@@ -99,11 +101,16 @@ def test_orders_left_between_commit_and_command_are_recovered_at_start(
         ids = wait_for(lambda: cancels.msg_ids(), 30, "the cancel sent again")
         assert f"{canceling['id']}:cancel" in ids
         assert not any(str(o["id"]) in i for i in ids for o in (lost, routed, replacement))
+        # the rejections reach the account's trade updates (no book report will come for them)
+        updates = wait_for(lambda: len(events.bodies()) >= 2 and events.bodies(), 30, "two trade updates")
+        rejected = {(u["event"], u["order"]["id"], u["order"]["status"]) for u in map(orjson.loads, updates)}
+        assert rejected == {("rejected", str(o["id"]), "rejected") for o in (lost, replacement)}
         log = (tmp_path / "second" / "broker.log").read_text()
         assert "orders left pending by a stopped broker" in log
     finally:
         proc.stop()
         cancels.stop()
+        events.stop()
 
 
 def _order(
@@ -160,10 +167,12 @@ async def _publish_new(nats_url: str, order: dict[str, Any], account: uuid.UUID)
 
 
 class _Listener:
-    """The message ids published on one subject, heard on a core NATS subscription in a thread."""
+    """The messages published on one subject (their ids, their bodies), heard on a core NATS
+    subscription in a thread."""
 
     def __init__(self, nats_url: str, subject: str) -> None:
         self._ids: list[str] = []
+        self._bodies: list[bytes] = []
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -173,6 +182,9 @@ class _Listener:
 
     def msg_ids(self) -> list[str]:
         return list(self._ids)
+
+    def bodies(self) -> list[bytes]:
+        return list(self._bodies)
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None:
@@ -185,6 +197,7 @@ class _Listener:
         nc = await nats.connect(nats_url)
 
         async def on_msg(msg: Any) -> None:
+            self._bodies.append(msg.data)
             if msg.headers and "Nats-Msg-Id" in msg.headers:
                 self._ids.append(msg.headers["Nats-Msg-Id"])
 

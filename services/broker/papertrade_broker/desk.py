@@ -37,7 +37,14 @@ from papertrade.enums import OrderStatus, OrderType, SelfTradePrevention, Side, 
 from papertrade.errors import ValidationError
 from papertrade.instruments import instrument
 from papertrade.ledger import CommissionModel, PositionState, buying_power, market_values, reservation
-from papertrade.messages import CancelCmd, NewOrderCmd, ReplaceCmd, RiskCheckRequest, RiskDecision
+from papertrade.messages import (
+    CancelCmd,
+    NewOrderCmd,
+    ReplaceCmd,
+    RiskCheckRequest,
+    RiskDecision,
+    TradeUpdate,
+)
 from papertrade.money import ZERO, check_tick, fmt, to_decimal
 from papertrade.service import ApiError, ServiceContext
 from papertrade.symbols import normalize_symbol
@@ -408,7 +415,12 @@ class Desk:
         """The orders a stopped broker left between commit and command, before `started`
         (`papertrade_broker.recovery`): rejected if their command never reached EX_CMD, cancels sent again."""
         return await recovery.recover(
-            self.engine, self.ctx.links.js, started, self._release_risk, self.market.exchange_time
+            self.engine,
+            self.ctx.links.js,
+            started,
+            self._release_risk,
+            self._announce_rejected,
+            self.market.exchange_time,
         )
 
     # --- orders: read side ----------------------------------------------------------------------
@@ -946,20 +958,28 @@ class Desk:
         """A new order whose command JetStream did not ack: rejected here if still pending_new (risk
         released), and canceled at the book in case the command got there."""
         async with self.engine.begin() as conn:
-            result = await conn.execute(
-                update(orders)
-                .where(orders.c.id == order_id, orders.c.status == OrderStatus.PENDING_NEW.value)
-                .values(
-                    status=OrderStatus.REJECTED.value,
-                    reason=reason,
-                    reserved=0,
-                    failed_at=utcnow(),
-                    updated_at=utcnow(),
+            rejected = (
+                (
+                    await conn.execute(
+                        update(orders)
+                        .where(orders.c.id == order_id, orders.c.status == OrderStatus.PENDING_NEW.value)
+                        .values(
+                            status=OrderStatus.REJECTED.value,
+                            reason=reason,
+                            reserved=0,
+                            failed_at=utcnow(),
+                            updated_at=utcnow(),
+                        )
+                        .returning(orders)
+                    )
                 )
+                .mappings()
+                .first()
             )
-        if result.rowcount:
+        if rejected is not None:
             _log.warning("order command not acked; order rejected", order_id=str(order_id), reason=reason)
             await self._release_risk(account_id, symbol, order_id, reason)
+            await self._announce_rejected(rejected)
         # The command may have been stored after all (a lost ack): then the book cancels the order
         # and its report releases risk; a book that never saw it ignores the cancel.
         cancel = CancelCmd(order_id=order_id, account_id=account_id, symbol=symbol, t=utcnow(), reason=reason)
@@ -989,6 +1009,15 @@ class Desk:
                     update(orders).where(orders.c.replaced_by == order_id).values(replaced_by=None)
                 )
             raise
+
+    async def _announce_rejected(self, row: Mapping[str, Any]) -> None:
+        """The trade update of an order the broker rejected after answering it (no book report will
+        come for it); never raises."""
+        update_ = TradeUpdate(event="rejected", order=order_view(row), timestamp=row["updated_at"])
+        try:
+            await self.ctx.links.nats.publish(subjects.broker_event(row["account_id"]), codec.encode(update_))
+        except Exception as exc:  # the link is down: the order's state is in Postgres all the same
+            _log.warning("trade update not sent", order_id=str(row["id"]), error=repr(exc))
 
     async def _release_risk(self, account_id: UUID, symbol: str, order_id: UUID, reason: str) -> None:
         """Tell risk (`risk.release`) that an order it approved never reached the book; never raises."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -99,12 +99,13 @@ async def recover(
     js: JetStreamContext,
     started: datetime,
     release: Callable[[UUID, str, UUID, str], Awaitable[None]],
+    announce: Callable[[Mapping[str, Any]], Awaitable[None]],
     exchange_time: Callable[[], Awaitable[datetime]],
 ) -> Outcome:
     """One pass over the orders left pending before `started` (see the module's docstring).
 
-    `release(account_id, symbol, order_id, reason)` gives risk a rejected order's exposure back;
-    `exchange_time()` stamps a re-sent cancel. Raises if the stream could not be read to its end
+    `release(account_id, symbol, order_id, reason)` gives risk a rejected order's exposure back,
+    `announce(row)` publishes its trade update; `exchange_time()` stamps a re-sent cancel. Raises if the stream could not be read to its end
     (before anything changed) or a cancel could not be sent (the next attempt sends it)."""
     stuck = await _stuck(engine, started)
     outcome = Outcome([], [], [])
@@ -116,10 +117,11 @@ async def recover(
         for order in new:
             if order.msg_id in stored:
                 outcome.routed.append(order.id)
-            elif await _reject(engine, order):
+            elif (row := await _reject(engine, order)) is not None:
                 outcome.rejected.append(order.id)
                 if order.replaces is None:  # a replacement keeps risk's reservation, as a refused one does
                     await release(order.account_id, order.symbol, order.id, REASON)
+                await announce(row)
     for order in stuck:
         if order.status is OrderStatus.PENDING_CANCEL:
             cmd = CancelCmd(
@@ -228,21 +230,33 @@ async def _stuck(engine: AsyncEngine, started: datetime) -> list[Stuck]:
     ]
 
 
-async def _reject(engine: AsyncEngine, order: Stuck) -> bool:
-    """Reject `order` if it is still pending_new (the ledger may have moved it meanwhile)."""
+async def _reject(engine: AsyncEngine, order: Stuck) -> Mapping[str, Any] | None:
+    """Reject `order` if it is still pending_new (the ledger may have moved it meanwhile): its row."""
     now = utcnow()
     async with engine.begin() as conn:
-        result = await conn.execute(
-            update(orders)
-            .where(orders.c.id == order.id, orders.c.status == OrderStatus.PENDING_NEW.value)
-            .values(
-                status=OrderStatus.REJECTED.value, reason=REASON, reserved=0, failed_at=now, updated_at=now
+        row = (
+            (
+                await conn.execute(
+                    update(orders)
+                    .where(orders.c.id == order.id, orders.c.status == OrderStatus.PENDING_NEW.value)
+                    .values(
+                        status=OrderStatus.REJECTED.value,
+                        reason=REASON,
+                        reserved=0,
+                        failed_at=now,
+                        updated_at=now,
+                    )
+                    .returning(orders)
+                )
             )
+            .mappings()
+            .first()
         )
-        if not result.rowcount:
-            return False
-        await conn.execute(update(orders).where(orders.c.replaced_by == order.id).values(replaced_by=None))
-    return True
+        if row is not None:
+            await conn.execute(
+                update(orders).where(orders.c.replaced_by == order.id).values(replaced_by=None)
+            )
+    return row
 
 
 def _aware(t: datetime) -> datetime:
