@@ -199,6 +199,40 @@ def test_order_whose_command_jetstream_refuses_is_rejected_and_released(broker: 
     assert "orderbook command stream unavailable" in (released[0].reason or "")
 
 
+def test_a_cancel_the_stream_refused_can_be_sent_again(broker: Broker) -> None:
+    acct = broker.new_account(cash="100000")
+    body = {
+        "symbol": "TSLA",
+        "qty": "2",
+        "side": "buy",
+        "type": "limit",
+        "time_in_force": "gtc",
+        "limit_price": "1",
+    }
+    with broker.client(acct) as c:
+        r = c.post("/v2/orders", json=body)
+        assert r.status_code == 200, r.text
+        oid = r.json()["id"]
+        wait_for(lambda: c.get(f"/v2/orders/{oid}").json()["status"] == "new", what="the order rests")
+        # the cancel's command finds no stream (and the fake book, on core NATS, plays dead)
+        broker.exchange.narrow_command_stream(["ex.cmd.AAPL"])
+        broker.exchange.book_enabled = False
+        try:
+            r = c.delete(f"/v2/orders/{oid}")
+            assert r.status_code == 503, r.text
+            assert "orderbook command stream unavailable" in r.json()["message"]
+            assert c.get(f"/v2/orders/{oid}").json()["status"] == "pending_cancel"
+        finally:
+            broker.exchange.book_enabled = True
+            broker.exchange.narrow_command_stream(None)
+        # asked again, the broker sends the cancel again (it is not a no-op for a pending cancel)
+        r = c.delete(f"/v2/orders/{oid}")
+        assert r.status_code == 204, r.text
+        wait_for(lambda: c.get(f"/v2/orders/{oid}").json()["status"] == "canceled", what="the order canceled")
+        acc = c.get("/v2/account").json()
+        assert Decimal(acc["buying_power"]) == Decimal("100000")
+
+
 def _released(broker: Broker, account_id: str) -> list[Any]:
     return [x for x in broker.exchange.releases if str(x.account_id) == account_id]
 

@@ -323,18 +323,21 @@ class Desk:
         return item.view if item.view is not None else order_view(row)
 
     async def cancel(self, acct: AccountInfo, order_id: UUID) -> None:
+        """Mark the order pending_cancel and send its cancel. An order already pending_cancel gets its
+        cancel sent again (the first may not have reached the stream: a 503, a broker stopped in
+        between); the book ignores a cancel of an order it no longer holds, and JetStream drops a
+        repeat within its duplicate window."""
         async with self.engine.begin() as conn:
             row = await self._order_for_update(conn, acct.id, order_id)
             status = OrderStatus(row["status"])
             if not status.is_open:
                 raise ApiError.unprocessable(f"order {order_id} is not cancelable (status {status.value})")
-            if status is OrderStatus.PENDING_CANCEL:
-                return
-            await conn.execute(
-                update(orders)
-                .where(orders.c.id == order_id)
-                .values(status=OrderStatus.PENDING_CANCEL.value, updated_at=utcnow())
-            )
+            if status is not OrderStatus.PENDING_CANCEL:
+                await conn.execute(
+                    update(orders)
+                    .where(orders.c.id == order_id)
+                    .values(status=OrderStatus.PENDING_CANCEL.value, updated_at=utcnow())
+                )
         cmd = CancelCmd(
             order_id=order_id, account_id=acct.id, symbol=row["symbol"], t=await self.market.exchange_time()
         )
@@ -957,25 +960,7 @@ class Desk:
     async def _unrouted(self, account_id: UUID, symbol: str, order_id: UUID, reason: str) -> None:
         """A new order whose command JetStream did not ack: rejected here if still pending_new (risk
         released), and canceled at the book in case the command got there."""
-        async with self.engine.begin() as conn:
-            rejected = (
-                (
-                    await conn.execute(
-                        update(orders)
-                        .where(orders.c.id == order_id, orders.c.status == OrderStatus.PENDING_NEW.value)
-                        .values(
-                            status=OrderStatus.REJECTED.value,
-                            reason=reason,
-                            reserved=0,
-                            failed_at=utcnow(),
-                            updated_at=utcnow(),
-                        )
-                        .returning(orders)
-                    )
-                )
-                .mappings()
-                .first()
-            )
+        rejected = await recovery.reject_unrouted(self.engine, order_id, reason)
         if rejected is not None:
             _log.warning("order command not acked; order rejected", order_id=str(order_id), reason=reason)
             await self._release_risk(account_id, symbol, order_id, reason)
@@ -993,21 +978,7 @@ class Desk:
         try:
             await self._publish(symbol, payload, msg_id)
         except ApiError:
-            async with self.engine.begin() as conn:
-                await conn.execute(
-                    update(orders)
-                    .where(orders.c.id == order_id, orders.c.status == OrderStatus.PENDING_NEW.value)
-                    .values(
-                        status=OrderStatus.REJECTED.value,
-                        reason="orderbook unreachable",
-                        reserved=0,
-                        failed_at=utcnow(),
-                        updated_at=utcnow(),
-                    )
-                )
-                await conn.execute(
-                    update(orders).where(orders.c.replaced_by == order_id).values(replaced_by=None)
-                )
+            await recovery.reject_unrouted(self.engine, order_id, "orderbook unreachable")
             raise
 
     async def _announce_rejected(self, row: Mapping[str, Any]) -> None:

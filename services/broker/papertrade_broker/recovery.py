@@ -117,7 +117,7 @@ async def recover(
         for order in new:
             if order.msg_id in stored:
                 outcome.routed.append(order.id)
-            elif (row := await _reject(engine, order)) is not None:
+            elif (row := await reject_unrouted(engine, order.id, REASON)) is not None:
                 outcome.rejected.append(order.id)
                 if order.replaces is None:  # a replacement keeps risk's reservation, as a refused one does
                     await release(order.account_id, order.symbol, order.id, REASON)
@@ -165,6 +165,37 @@ async def recover_in_background(
             )
         await asyncio.sleep(wait)
         wait = min(wait * 2, RETRY_MAX)
+
+
+async def reject_unrouted(engine: AsyncEngine, order_id: UUID, reason: str) -> Mapping[str, Any] | None:
+    """Reject a new order whose command is not in EX_CMD, if it is still pending_new (the ledger may
+    have moved it meanwhile), its buying power released and the order it was to replace freed: the
+    rejected row, else None."""
+    now = utcnow()
+    async with engine.begin() as conn:
+        row = (
+            (
+                await conn.execute(
+                    update(orders)
+                    .where(orders.c.id == order_id, orders.c.status == OrderStatus.PENDING_NEW.value)
+                    .values(
+                        status=OrderStatus.REJECTED.value,
+                        reason=reason,
+                        reserved=0,
+                        failed_at=now,
+                        updated_at=now,
+                    )
+                    .returning(orders)
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if row is not None:
+            await conn.execute(
+                update(orders).where(orders.c.replaced_by == order_id).values(replaced_by=None)
+            )
+    return row
 
 
 async def stored_msg_ids(js: JetStreamContext, since: datetime, wanted: set[str]) -> set[str]:
@@ -228,35 +259,6 @@ async def _stuck(engine: AsyncEngine, started: datetime) -> list[Stuck]:
         Stuck(r.id, r.account_id, r.symbol, OrderStatus(r.status), r.replaces, _aware(r.created_at))
         for r in rows
     ]
-
-
-async def _reject(engine: AsyncEngine, order: Stuck) -> Mapping[str, Any] | None:
-    """Reject `order` if it is still pending_new (the ledger may have moved it meanwhile): its row."""
-    now = utcnow()
-    async with engine.begin() as conn:
-        row = (
-            (
-                await conn.execute(
-                    update(orders)
-                    .where(orders.c.id == order.id, orders.c.status == OrderStatus.PENDING_NEW.value)
-                    .values(
-                        status=OrderStatus.REJECTED.value,
-                        reason=REASON,
-                        reserved=0,
-                        failed_at=now,
-                        updated_at=now,
-                    )
-                    .returning(orders)
-                )
-            )
-            .mappings()
-            .first()
-        )
-        if row is not None:
-            await conn.execute(
-                update(orders).where(orders.c.replaced_by == order.id).values(replaced_by=None)
-            )
-    return row
 
 
 def _aware(t: datetime) -> datetime:
