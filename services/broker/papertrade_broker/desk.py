@@ -325,8 +325,8 @@ class Desk:
     async def cancel(self, acct: AccountInfo, order_id: UUID) -> None:
         """Mark the order pending_cancel and send its cancel. An order already pending_cancel gets its
         cancel sent again (the first may not have reached the stream: a 503, a broker stopped in
-        between); the book ignores a cancel of an order it no longer holds, and JetStream drops a
-        repeat within its duplicate window."""
+        between); a book that no longer holds the order refuses the repeat, which changes nothing for an
+        order already done, and JetStream drops a repeat within its duplicate window."""
         async with self.engine.begin() as conn:
             row = await self._order_for_update(conn, acct.id, order_id)
             status = OrderStatus(row["status"])

@@ -17,8 +17,9 @@ still in one of those states and were last changed before this process started:
   refused replace does). It is never sent late: the user may have been told it was accepted, but
   sending it to the book after a crash and a restart of unknown length could execute an order the
   user no longer expects.
-- `pending_cancel`: the cancel is published again. A book that no longer holds the order ignores it,
-  and JetStream drops it if the first one was stored within its duplicate window.
+- `pending_cancel`: the cancel is published again. A book that no longer holds the order refuses it
+  (the ledger ignores that refusal for an order already done), and JetStream drops it if the first
+  one was stored within its duplicate window.
 
 A scan that cannot finish (NATS or Postgres unreachable, the stream not answering) changes nothing
 and is tried again later: an order is only rejected once the whole stream since it was read.
