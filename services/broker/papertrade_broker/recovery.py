@@ -3,7 +3,7 @@
 The broker commits a new order (`pending_new`) and then publishes its command to EX_CMD; a cancel is
 committed as `pending_cancel` and then published. A broker killed between the two steps leaves an
 order that no command will ever move: `pending_new` with buying power held and risk's exposure
-reserved, or `pending_cancel` still open at the book (and a second cancel request is a no-op).
+reserved, or `pending_cancel` still open at the book until somebody asks to cancel it again.
 
 At start-up, once `BROKER_RECOVERY_GRACE` has passed (so that the commands of orders in flight, of
 this process or of another replica, have had their time), `recover` looks at the orders that are
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -106,8 +106,9 @@ async def recover(
     """One pass over the orders left pending before `started` (see the module's docstring).
 
     `release(account_id, symbol, order_id, reason)` gives risk a rejected order's exposure back,
-    `announce(row)` publishes its trade update; `exchange_time()` stamps a re-sent cancel. Raises if the stream could not be read to its end
-    (before anything changed) or a cancel could not be sent (the next attempt sends it)."""
+    `announce(row)` publishes its trade update; `exchange_time()` stamps a re-sent cancel. Raises if
+    the stream could not be read to its end (before anything changed) or a cancel could not be sent
+    (the next attempt sends it)."""
     stuck = await _stuck(engine, started)
     outcome = Outcome([], [], [])
     new = [s for s in stuck if s.status is OrderStatus.PENDING_NEW]
@@ -134,9 +135,13 @@ async def recover(
                 headers={"Nats-Msg-Id": f"{order.id}:cancel"},
             )
             outcome.cancels_resent.append(order.id)
-    _count("rejected", outcome.rejected)
-    _count("routed", outcome.routed)
-    _count("cancel_resent", outcome.cancels_resent)
+    for action, ids in (
+        ("rejected", outcome.rejected),
+        ("routed", outcome.routed),
+        ("cancel_resent", outcome.cancels_resent),
+    ):
+        if ids:
+            RECOVERED.labels(action).inc(len(ids))
     if stuck:
         _log.warning(
             "orders left pending by a stopped broker",
@@ -264,9 +269,3 @@ async def _stuck(engine: AsyncEngine, started: datetime) -> list[Stuck]:
 
 def _aware(t: datetime) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
-
-
-def _count(action: str, ids: Iterable[Any]) -> None:
-    n = len(list(ids))
-    if n:
-        RECOVERED.labels(action).inc(n)
