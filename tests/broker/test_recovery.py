@@ -113,6 +113,46 @@ def test_orders_left_between_commit_and_command_are_recovered_at_start(
         events.stop()
 
 
+def test_the_stream_is_not_waited_on_when_nothing_was_stored_since(infra: Endpoints) -> None:
+    async def scan() -> set[str]:
+        nc = await nats.connect(infra.nats_url)
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, (EX_CMD_STREAM,))
+            stray = CancelCmd(
+                order_id=uuid.uuid4(), account_id=uuid.uuid4(), symbol=SYMBOL, t=datetime.now(UTC)
+            )
+            await js.publish(
+                subjects.ex_cmd(SYMBOL),
+                codec.encode(stray),
+                headers={"Nats-Msg-Id": f"{stray.order_id}:cancel"},
+            )
+            return await asyncio.wait_for(
+                recovery.stored_msg_ids(js, datetime.now(UTC) + timedelta(hours=1), {"anything:new"}), 10
+            )
+        finally:
+            await nc.close()
+
+    assert asyncio.run(scan()) == set()
+
+
+def test_a_failed_recovery_is_tried_again_until_it_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recovery, "RETRY_FIRST", 0.01)
+    calls: list[int] = []
+
+    async def attempt() -> recovery.Outcome:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("NATS is down")
+        return recovery.Outcome([], [], [])
+
+    async def main() -> None:
+        await asyncio.wait_for(recovery.recover_in_background(0.0, attempt, asyncio.Event()), 10)
+
+    asyncio.run(main())
+    assert len(calls) == 3
+
+
 def _order(
     account: uuid.UUID, status: str, at: datetime, replaces: uuid.UUID | None = None
 ) -> dict[str, Any]:
@@ -206,43 +246,3 @@ class _Listener:
         self._ready.set()
         await self._stop.wait()
         await nc.close()
-
-
-def test_the_stream_is_not_waited_on_when_nothing_was_stored_since(infra: Endpoints) -> None:
-    async def scan() -> set[str]:
-        nc = await nats.connect(infra.nats_url)
-        try:
-            js = nc.jetstream()
-            await ensure_streams(js, (EX_CMD_STREAM,))
-            stray = CancelCmd(
-                order_id=uuid.uuid4(), account_id=uuid.uuid4(), symbol=SYMBOL, t=datetime.now(UTC)
-            )
-            await js.publish(
-                subjects.ex_cmd(SYMBOL),
-                codec.encode(stray),
-                headers={"Nats-Msg-Id": f"{stray.order_id}:cancel"},
-            )
-            return await asyncio.wait_for(
-                recovery.stored_msg_ids(js, datetime.now(UTC) + timedelta(hours=1), {"anything:new"}), 10
-            )
-        finally:
-            await nc.close()
-
-    assert asyncio.run(scan()) == set()
-
-
-def test_a_failed_recovery_is_tried_again_until_it_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(recovery, "RETRY_FIRST", 0.01)
-    calls: list[int] = []
-
-    async def attempt() -> recovery.Outcome:
-        calls.append(1)
-        if len(calls) < 3:
-            raise ConnectionError("NATS is down")
-        return recovery.Outcome([], [], [])
-
-    async def main() -> None:
-        await asyncio.wait_for(recovery.recover_in_background(0.0, attempt, asyncio.Event()), 10)
-
-    asyncio.run(main())
-    assert len(calls) == 3
