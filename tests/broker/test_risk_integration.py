@@ -18,6 +18,16 @@ import redis
 from papertrade import keys
 from tests.broker.conftest import Broker, wait_for
 
+#: a buy far below the market: the fake book rests it
+RESTING_BUY = {
+    "symbol": "TSLA",
+    "qty": "2",
+    "side": "buy",
+    "type": "limit",
+    "time_in_force": "gtc",
+    "limit_price": "1",
+}
+
 
 def test_buying_power_refusal_after_approval_releases_risk(broker: Broker) -> None:
     acct = broker.new_account(cash="1000")
@@ -165,20 +175,12 @@ def test_risk_request_time_is_the_simulation_clock(broker: Broker) -> None:
 
 def test_order_whose_command_jetstream_refuses_is_rejected_and_released(broker: Broker) -> None:
     acct = broker.new_account(cash="100000")
-    body = {
-        "symbol": "TSLA",
-        "qty": "2",
-        "side": "buy",
-        "type": "limit",
-        "time_in_force": "gtc",
-        "limit_price": "1",
-    }
     # TSLA's command finds no stream (the fake book, which listens on core NATS, plays dead)
     broker.exchange.narrow_command_stream(["ex.cmd.AAPL"])
     broker.exchange.book_enabled = False
     try:
         with broker.client(acct) as c:
-            r = c.post("/v2/orders", json=body)
+            r = c.post("/v2/orders", json=RESTING_BUY)
             assert r.status_code in (200, 503), r.text
             if r.status_code == 200:  # the ack is awaited after the answer: the order ends rejected
                 oid = r.json()["id"]
@@ -201,16 +203,8 @@ def test_order_whose_command_jetstream_refuses_is_rejected_and_released(broker: 
 
 def test_a_cancel_the_stream_refused_can_be_sent_again(broker: Broker) -> None:
     acct = broker.new_account(cash="100000")
-    body = {
-        "symbol": "TSLA",
-        "qty": "2",
-        "side": "buy",
-        "type": "limit",
-        "time_in_force": "gtc",
-        "limit_price": "1",
-    }
     with broker.client(acct) as c:
-        r = c.post("/v2/orders", json=body)
+        r = c.post("/v2/orders", json=RESTING_BUY)
         assert r.status_code == 200, r.text
         oid = r.json()["id"]
         wait_for(lambda: c.get(f"/v2/orders/{oid}").json()["status"] == "new", what="the order rests")
