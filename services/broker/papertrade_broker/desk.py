@@ -966,7 +966,8 @@ class Desk:
             await self._release_risk(account_id, symbol, order_id, reason)
             await self._announce_rejected(rejected)
         # The command may have been stored after all (a lost ack): then the book cancels the order
-        # and its report releases risk; a book that never saw it ignores the cancel.
+        # and its report releases risk; a book that never saw it refuses the cancel, which changes
+        # nothing for the rejected order.
         cancel = CancelCmd(order_id=order_id, account_id=account_id, symbol=symbol, t=utcnow(), reason=reason)
         try:
             await self.ctx.links.nats.publish(subjects.ex_cmd(symbol), codec.encode(cancel))
