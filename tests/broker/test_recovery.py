@@ -47,12 +47,18 @@ def test_orders_left_between_commit_and_command_are_recovered_at_start(
         "BROKER_LEDGER_DURABLE": f"broker-test-{uuid.uuid4().hex[:8]}",
         "BROKER_RECOVERY_GRACE": "0.2",
     }
+    recovering = {**env, "BROKER_RECOVERY_GRACE": "8"}  # longer than the start-up below
     proc, url = launch("broker", env, tmp_path / "first")
     try:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
             r = admin.post("/admin/accounts", json={"name": "recovery", "cash": "10000"})
             assert r.status_code == 201, r.text
-            account = uuid.UUID(r.json()["id"])
+            created = r.json()
+            account = uuid.UUID(created["id"])
+            keys = {
+                "APCA-API-KEY-ID": created["api_key_id"],
+                "APCA-API-SECRET-KEY": created["api_secret_key"],
+            }
     finally:
         proc.stop()
 
@@ -75,8 +81,14 @@ def test_orders_left_between_commit_and_command_are_recovered_at_start(
     cancels = _Listener(infra.nats_url, subjects.ex_cmd(SYMBOL))
     events = _Listener(infra.nats_url, subjects.broker_event(account))
 
-    proc, url = launch("broker", env, tmp_path / "second")
+    proc, url = launch("broker", recovering, tmp_path / "second")
     try:
+        with httpx.Client(base_url=url, headers=keys) as client:
+            # until recovery went through, an order from before the restart that may never have
+            # reached the book cannot be canceled (its cancel would be refused there)
+            r = client.delete(f"/v2/orders/{lost['id']}")
+            assert r.status_code == 503, r.text
+            assert "being recovered after a broker restart" in r.json()["message"]
         with _connect(db) as conn:
 
             def status(order: dict[str, Any]) -> tuple[str, str | None, Decimal]:
@@ -107,6 +119,9 @@ def test_orders_left_between_commit_and_command_are_recovered_at_start(
         assert rejected == {("rejected", str(o["id"]), "rejected") for o in (lost, replacement)}
         log = (tmp_path / "second" / "broker.log").read_text()
         assert "orders left pending by a stopped broker" in log
+        with httpx.Client(base_url=url, headers=keys) as client:
+            r = client.delete(f"/v2/orders/{lost['id']}")
+            assert r.status_code == 422 and "status rejected" in r.json()["message"], r.text
     finally:
         proc.stop()
         cancels.stop()

@@ -9,7 +9,6 @@ unknown account) so that the strategy-runner can mint a key pair for an existing
 from __future__ import annotations
 
 import asyncio
-import functools
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -21,7 +20,6 @@ from starlette.middleware import Middleware
 from papertrade.db import migrate_async
 from papertrade.service import ServiceContext, create_app
 from papertrade.service.errors import error_response
-from papertrade.timeutil import utcnow
 from papertrade_broker import hotpath, recovery
 from papertrade_broker.consumer import LedgerProcess
 from papertrade_broker.desk import Desk
@@ -57,11 +55,8 @@ def build_app(settings: BrokerSettings | None = None) -> FastAPI:
         desk = Desk(ctx, Market(ctx.links.redis), settings.risk_timeout, engine, pool, settings.risk_batch)
         desk.start()
         ctx.state["desk"] = desk
-        started = utcnow()
         ctx.spawn(
-            recovery.recover_in_background(
-                settings.recovery_grace, functools.partial(desk.recover_pending, started), ctx.stopping
-            ),
+            recovery.recover_in_background(settings.recovery_grace, desk.recover_pending, ctx.stopping),
             "broker-recovery",
         )
         runner = LedgerProcess(settings, settings.ledger_durable)

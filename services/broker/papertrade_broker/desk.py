@@ -117,6 +117,10 @@ class Desk:
         self._ack_count = 0
         self._ack_init = asyncio.Lock()
         self._accounts: dict[UUID, AccountInfo] = {}
+        #: When this desk started: orders pending from before are a stopped broker's (`recover_pending`).
+        self.started = utcnow()
+        #: True once `recover_pending` went through.
+        self.recovered = False
         #: Books new orders, many per transaction (`start` / `stop` with the service).
         self.writer = hotpath.GroupCommit(
             pool,
@@ -332,6 +336,13 @@ class Desk:
             status = OrderStatus(row["status"])
             if not status.is_open:
                 raise ApiError.unprocessable(f"order {order_id} is not cancelable (status {status.value})")
+            if status is OrderStatus.PENDING_NEW and not self.recovered and row["created_at"] < self.started:
+                # its command may never have reached the book: a cancel now would be refused there and
+                # leave the order open here; start-up recovery settles it first
+                raise ApiError(
+                    503,
+                    f"order {order_id} is being recovered after a broker restart; try again in a few seconds",
+                )
             if status is not OrderStatus.PENDING_CANCEL:
                 await conn.execute(
                     update(orders)
@@ -414,17 +425,20 @@ class Desk:
         await self._route(spec.symbol, codec.encode(cmd), f"{order_id}:replace:{new_id}", new_id)
         return order_view(row)
 
-    async def recover_pending(self, started: datetime) -> recovery.Outcome:
-        """The orders a stopped broker left between commit and command, before `started`
-        (`papertrade_broker.recovery`): rejected if their command never reached EX_CMD, cancels sent again."""
-        return await recovery.recover(
+    async def recover_pending(self) -> recovery.Outcome:
+        """The orders a stopped broker left between commit and command, before this desk started
+        (`papertrade_broker.recovery`): rejected if their command never reached EX_CMD, cancels sent
+        again. Until it went through, such an order cannot be canceled (503)."""
+        outcome = await recovery.recover(
             self.engine,
             self.ctx.links.js,
-            started,
+            self.started,
             self._release_risk,
             self._announce_rejected,
             self.market.exchange_time,
         )
+        self.recovered = True
+        return outcome
 
     # --- orders: read side ----------------------------------------------------------------------
 

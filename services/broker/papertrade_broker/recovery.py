@@ -22,7 +22,10 @@ still in one of those states and were last changed before this process started:
   one was stored within its duplicate window.
 
 A scan that cannot finish (NATS or Postgres unreachable, the stream not answering) changes nothing
-and is tried again later: an order is only rejected once the whole stream since it was read.
+and is tried again later: an order is only rejected once the whole stream since it was read. Until
+a pass went through, the desk answers 503 to a cancel of a `pending_new` order from before its start
+(`Desk.cancel`): a book that never got the order would refuse the cancel, and the ledger would put the
+order back to `new`, open here and absent there.
 """
 
 from __future__ import annotations
