@@ -29,6 +29,8 @@ class DropFirst:
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.requests: list[tuple[str, str, bytes]] = []
         self.dropped: set[str] = set()
+        #: how many DELETEs are answered 503 (after the dropped one) before the usual answer
+        self.unavailable = 0
         self.account = uuid4()
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -92,6 +94,9 @@ class DropFirst:
             )
             return 200, order_to_alpaca(order)
         if method == "DELETE":
+            if self.unavailable > 0:
+                self.unavailable -= 1
+                return 503, {"code": 50300000, "message": "order is being recovered after a broker restart"}
             return 422, {"code": 42210000, "message": "order is already canceled"}
         return 200, []
 
@@ -121,6 +126,13 @@ def test_reads_and_cancels_lost_mid_request_are_sent_again(broker: DropFirst) ->
     assert ctx.open_orders() == []
     ctx.cancel(uuid4())  # the repeat answers 422 (already canceled): not an error
     assert [m for m, _, _ in broker.requests] == ["GET", "GET", "DELETE", "DELETE"]
+
+
+def test_a_cancel_answered_503_is_asked_again(broker: DropFirst) -> None:
+    ctx = _context(broker.url)
+    broker.unavailable = 2
+    ctx.cancel(uuid4())  # dropped, 503, 503, then 422 (already canceled): not an error
+    assert [m for m, _, _ in broker.requests] == ["DELETE"] * 4
 
 
 def test_a_request_without_an_idempotency_key_is_not_sent_twice(broker: DropFirst) -> None:

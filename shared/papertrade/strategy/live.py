@@ -156,7 +156,15 @@ class LiveContext:
         raise BrokerError(f"POST /v2/orders answered {r.status_code}: {r.text[:300]}")
 
     def cancel(self, order_id: UUID) -> None:
+        """Cancel; a 503 (the broker cannot send the cancel yet: its command stream is down, or it is
+        recovering orders after a restart) is asked again for up to `RECONNECT_FOR` seconds."""
+        deadline = time.monotonic() + RECONNECT_FOR
+        delay = 0.1
         r = self._send("DELETE", f"/v2/orders/{order_id}")
+        while r.status_code == 503 and time.monotonic() + delay <= deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            r = self._send("DELETE", f"/v2/orders/{order_id}")
         if r.status_code not in (200, 204, 404, 422):
             raise BrokerError(f"DELETE /v2/orders/{order_id} answered {r.status_code}: {r.text[:300]}")
 
