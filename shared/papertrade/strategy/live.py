@@ -158,13 +158,7 @@ class LiveContext:
     def cancel(self, order_id: UUID) -> None:
         """Cancel; a 503 (the broker cannot send the cancel yet: its command stream is down, or it is
         recovering orders after a restart) is asked again for up to `RECONNECT_FOR` seconds."""
-        deadline = time.monotonic() + RECONNECT_FOR
-        delay = 0.1
-        r = self._send("DELETE", f"/v2/orders/{order_id}")
-        while r.status_code == 503 and time.monotonic() + delay <= deadline:
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-            r = self._send("DELETE", f"/v2/orders/{order_id}")
+        r = self._send("DELETE", f"/v2/orders/{order_id}", retry_unavailable=True)
         if r.status_code not in (200, 204, 404, 422):
             raise BrokerError(f"DELETE /v2/orders/{order_id} answered {r.status_code}: {r.text[:300]}")
 
@@ -220,18 +214,22 @@ class LiveContext:
 
     # --- internals -------------------------------------------------------------------------------
 
-    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _send(
+        self, method: str, path: str, *, retry_unavailable: bool = False, **kwargs: Any
+    ) -> httpx.Response:
         """One request; while the broker cannot be reached (it restarts) retry for up to
         `RECONNECT_FOR` seconds. A connect failure is always retried: the request never reached the
         broker. A connection lost before the answer (the broker died mid-request) is retried only
         when a second copy cannot do anything twice: reads, cancels (a second cancel answers 422) and
         order submits, which carry a client_order_id (the broker answers a repeat with the first
-        order)."""
+        order). With `retry_unavailable`, a 503 answer is asked again within the same time."""
         deadline = time.monotonic() + RECONNECT_FOR
         delay = 0.1
         while True:
             try:
-                return self.http.request(method, path, **kwargs)
+                r = self.http.request(method, path, **kwargs)
+                if not (retry_unavailable and r.status_code == 503) or time.monotonic() + delay > deadline:
+                    return r
             except (httpx.ConnectError, httpx.ConnectTimeout):
                 if time.monotonic() + delay > deadline:
                     raise
