@@ -42,6 +42,8 @@ class Broker:
     exchange: FakeExchange
     redis_url: str
     log: Path
+    #: the broker process (its ledger process is its child)
+    pid: int | None = None
 
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
@@ -113,6 +115,6 @@ def broker(
     logs = tmp_path_factory.mktemp("broker-logs")
     proc, url = launch("broker", base, logs)
     try:
-        yield Broker(url, db, exchange, infra.redis_url, logs / "broker.log")
+        yield Broker(url, db, exchange, infra.redis_url, logs / "broker.log", proc.pid)
     finally:
         proc.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,9 @@ from typing import Any
 from uuid import UUID
 
 import httpx
+import psutil
 import psycopg
+import pytest
 from sqlalchemy.engine import make_url
 
 from papertrade.enums import ExecType, LiquiditySide, Side
@@ -168,6 +171,18 @@ def test_ledger_metrics_are_served_by_the_broker(broker: Broker) -> None:
         )
 
     wait_for(fills_counted, what="the ledger's fill counter on /metrics")
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policy")
+def test_the_ledger_process_is_a_batch_worker(broker: Broker) -> None:
+    """Every thread of the ledger process runs as SCHED_BATCH (`BROKER_LEDGER_SCHED_BATCH`), the
+    broker's HTTP process as it was started."""
+    assert broker.pid is not None
+    parent = psutil.Process(broker.pid)
+    (ledger,) = [p for p in parent.children() if "spawn_main" in " ".join(p.cmdline())]
+    threads = [t.id for t in ledger.threads()]
+    assert threads and all(os.sched_getscheduler(t) == os.SCHED_BATCH for t in threads)
+    assert os.sched_getscheduler(broker.pid) == os.sched_getscheduler(0)
 
 
 def test_commission_on_fills_and_cash(broker: Broker) -> None:

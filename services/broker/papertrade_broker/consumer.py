@@ -55,7 +55,7 @@ from papertrade.ledger import CommissionModel, PositionState, apply_fill, cash_d
 from papertrade.messages import ExecReport, TradeUpdate
 from papertrade.money import ZERO
 from papertrade.service.logs import configure_logging
-from papertrade.stack.procs import die_with_parent, settle_heap
+from papertrade.stack.procs import batch_scheduling, die_with_parent, settle_heap
 from papertrade.timeutil import utcnow
 from papertrade_broker import prepared
 from papertrade_broker.hotpath import libpq_url
@@ -758,7 +758,11 @@ def _ledger_main(
 ) -> None:
     """The ledger process: consume until the broker asks it to stop or goes away."""
     die_with_parent()  # the kernel stops the ledger when the broker process dies
+    # First, so that every thread started later is a batch worker too.
+    batch = settings.ledger_sched_batch and batch_scheduling()
     configure_logging("broker", settings.log_level, settings.log_format)
+    if settings.ledger_sched_batch and not batch:
+        _log.warning("ledger process not set to SCHED_BATCH (not supported or refused here)")
     consumer = LedgerConsumer(settings, durable)
     settle_heap()  # as the services do once started
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the broker stops us
