@@ -72,6 +72,28 @@ class Broker:
         r.close()
 
 
+def real_exchange(
+    start_services: Any, redis_url: str, database_url: str, sym: str, price: str
+) -> tuple[str, str]:
+    """The real risk and orderbook (no synthetic liquidity) on `database_url`, `sym` in the watchlist
+    with a last trade at `price` (the book opens its book): (risk's URL, a tag for durable names)."""
+    r = redis.Redis.from_url(redis_url)
+    raw = r.get(keys.WATCHLIST)
+    current = orjson.loads(raw) if raw else {"symbols": [], "intervals": ["1m"]}
+    r.set(keys.WATCHLIST, orjson.dumps({**current, "symbols": [*current.get("symbols", []), sym]}))
+    r.set(keys.last_trade(sym), orjson.dumps({"price": price, "t": "2030-01-01T00:00:00Z"}))
+    r.close()
+    tag = uuid.uuid4().hex[:8]
+    _, risk_url = start_services("risk", database_url=database_url, RISK_DURABLE=f"risk-{tag}")
+    start_services(
+        "orderbook",
+        database_url=database_url,
+        ORDERBOOK_LIQUIDITY_ENABLED="false",
+        ORDERBOOK_WATCHLIST_POLL_SECONDS="0.2",
+    )
+    return risk_url, tag
+
+
 def wait_for(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll `check` until it returns something truthy (no timing assertions: a generous bound)."""
     deadline = time.monotonic() + timeout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import string
-import uuid
 from decimal import Decimal
 from typing import Any
 
@@ -19,7 +18,7 @@ from alpaca.trading.requests import LimitOrderRequest, MarketOrderRequest, Repla
 
 from papertrade import keys
 from papertrade.stack.infra import Endpoints
-from tests.broker.conftest import wait_for
+from tests.broker.conftest import real_exchange, wait_for
 from tests.conftest import ADMIN_TOKEN
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -29,19 +28,7 @@ def test_orders_through_real_risk_and_orderbook(
     start_services: Any, infra: Endpoints, fresh_database_url: str
 ) -> None:
     sym = "RS" + "".join(random.choices(string.ascii_uppercase, k=4))
-    r = redis.Redis.from_url(infra.redis_url)
-    raw = r.get(keys.WATCHLIST)
-    current = orjson.loads(raw) if raw else {"symbols": [], "intervals": ["1m"]}
-    r.set(keys.WATCHLIST, orjson.dumps({**current, "symbols": [*current.get("symbols", []), sym]}))
-    r.set(keys.last_trade(sym), orjson.dumps({"price": "100", "t": "2030-01-01T00:00:00Z"}))
-    tag = uuid.uuid4().hex[:8]
-    _, risk_url = start_services("risk", database_url=fresh_database_url, RISK_DURABLE=f"risk-{tag}")
-    start_services(
-        "orderbook",
-        database_url=fresh_database_url,
-        ORDERBOOK_LIQUIDITY_ENABLED="false",
-        ORDERBOOK_WATCHLIST_POLL_SECONDS="0.2",
-    )
+    risk_url, tag = real_exchange(start_services, infra.redis_url, fresh_database_url, sym, "100")
     _, url = start_services("broker", database_url=fresh_database_url, BROKER_LEDGER_DURABLE=f"broker-{tag}")
     with httpx.Client(base_url=url, headers=ADMIN) as adm:
         a = adm.post("/admin/accounts", json={"name": "buyer", "cash": "100000"}).json()
@@ -107,6 +94,7 @@ def test_orders_through_real_risk_and_orderbook(
     status(tc, small.id, OrderStatus.NEW)
 
     # risk's trading-hours rule sees the streamer's simulation time (the wall clock here is irrelevant)
+    r = redis.Redis.from_url(infra.redis_url)
     r.set(keys.CLOCK, orjson.dumps(_clock("2026-11-21T15:00:00Z")))  # a Saturday
     try:
         with httpx.Client(base_url=risk_url, headers=ADMIN) as rc:

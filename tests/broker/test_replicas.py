@@ -12,14 +12,11 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
-import orjson
 import psycopg
-import redis
 
-from papertrade import keys
 from papertrade.stack.infra import Endpoints
 from papertrade_broker.hotpath import libpq_url
-from tests.broker.conftest import wait_for
+from tests.broker.conftest import real_exchange, wait_for
 from tests.conftest import ADMIN_TOKEN
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -32,19 +29,7 @@ def test_two_brokers_share_accounts_orders_and_the_ledger(
     start_services: Any, infra: Endpoints, fresh_database_url: str
 ) -> None:
     sym = "RP" + "".join(random.choices(string.ascii_uppercase, k=4))
-    r = redis.Redis.from_url(infra.redis_url)
-    raw = r.get(keys.WATCHLIST)
-    current = orjson.loads(raw) if raw else {"symbols": [], "intervals": ["1m"]}
-    r.set(keys.WATCHLIST, orjson.dumps({**current, "symbols": [*current.get("symbols", []), sym]}))
-    r.set(keys.last_trade(sym), orjson.dumps({"price": PRICE, "t": "2030-01-01T00:00:00Z"}))
-    tag = uuid.uuid4().hex[:8]
-    start_services("risk", database_url=fresh_database_url, RISK_DURABLE=f"risk-{tag}")
-    start_services(
-        "orderbook",
-        database_url=fresh_database_url,
-        ORDERBOOK_LIQUIDITY_ENABLED="false",
-        ORDERBOOK_WATCHLIST_POLL_SECONDS="0.2",
-    )
+    _, tag = real_exchange(start_services, infra.redis_url, fresh_database_url, sym, PRICE)
     durable = {"BROKER_LEDGER_DURABLE": f"broker-{tag}"}
     urls = [start_services("broker", database_url=fresh_database_url, **durable)[1] for _ in range(2)]
     with httpx.Client(base_url=urls[0], headers=ADMIN, timeout=10) as adm:
