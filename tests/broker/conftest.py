@@ -56,20 +56,18 @@ class Broker:
             return data
 
     def client(self, account: dict[str, Any]) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.url,
-            headers={
-                "APCA-API-KEY-ID": account["api_key_id"],
-                "APCA-API-SECRET-KEY": account["api_secret_key"],
-            },
-            timeout=10,
-        )
+        return httpx.Client(base_url=self.url, headers=key_headers(account), timeout=10)
 
     def set_price(self, symbol: str, price: str) -> None:
         self.exchange.prices[symbol] = Decimal(price)
         r = redis.Redis.from_url(self.redis_url)
         r.set(keys.last_trade(symbol), orjson.dumps({"price": price, "t": "2030-01-01T00:00:00Z"}))
         r.close()
+
+
+def key_headers(account: dict[str, Any]) -> dict[str, str]:
+    """The API key headers of an account as the admin API created it."""
+    return {"APCA-API-KEY-ID": account["api_key_id"], "APCA-API-SECRET-KEY": account["api_secret_key"]}
 
 
 def real_exchange(

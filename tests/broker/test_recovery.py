@@ -30,7 +30,7 @@ from papertrade.stack.infra import Endpoints, create_database
 from papertrade.stack.launch import launch
 from papertrade_broker import recovery
 from papertrade_broker.recovery import REASON
-from tests.broker.conftest import wait_for
+from tests.broker.conftest import key_headers, wait_for
 from tests.conftest import ADMIN_TOKEN
 
 SYMBOL = "RCVRY"
@@ -55,10 +55,7 @@ def test_orders_left_between_commit_and_command_are_recovered_at_start(
             assert r.status_code == 201, r.text
             created = r.json()
             account = uuid.UUID(created["id"])
-            keys = {
-                "APCA-API-KEY-ID": created["api_key_id"],
-                "APCA-API-SECRET-KEY": created["api_secret_key"],
-            }
+            keys = key_headers(created)
     finally:
         proc.stop()
 

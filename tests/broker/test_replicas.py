@@ -16,7 +16,7 @@ import psycopg
 
 from papertrade.stack.infra import Endpoints
 from papertrade_broker.hotpath import libpq_url
-from tests.broker.conftest import real_exchange, wait_for
+from tests.broker.conftest import key_headers, real_exchange, wait_for
 from tests.conftest import ADMIN_TOKEN
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -33,7 +33,7 @@ def test_two_brokers_share_accounts_orders_and_the_ledger(
     durable = {"BROKER_LEDGER_DURABLE": f"broker-{tag}"}
     urls = [start_services("broker", database_url=fresh_database_url, **durable)[1] for _ in range(2)]
     with httpx.Client(base_url=urls[0], headers=ADMIN, timeout=10) as adm:
-        buyer = adm.post("/admin/accounts", json={"name": "buyer", "cash": str(BIDS * 100)}).json()
+        buyer = adm.post("/admin/accounts", json={"name": "buyer", "cash": str(BIDS * Decimal(PRICE))}).json()
         seller = adm.post("/admin/accounts", json={"name": "seller", "cash": "100000"}).json()
     wait_for(lambda: _accepts(urls[1], seller, sym), timeout=30, what="the book opened the symbol")
 
@@ -53,7 +53,7 @@ def test_two_brokers_share_accounts_orders_and_the_ledger(
     both = asyncio.run(_submit_all(urls, seller, [dup, dup]))
     assert [s for s, _ in both] == [200, 200], both
     assert both[0][1]["id"] == both[1][1]["id"]
-    with httpx.Client(base_url=urls[1], headers=_keys(seller)) as c:
+    with httpx.Client(base_url=urls[1], headers=key_headers(seller)) as c:
         assert c.delete(f"/v2/orders/{both[0][1]['id']}").status_code == 204
 
     # the seller crosses every bid through both brokers, 3 bids per sell, and the two ledgers share
@@ -91,7 +91,7 @@ def test_two_brokers_share_accounts_orders_and_the_ledger(
 
 async def _submit_all(urls: list[str], account: dict[str, Any], bodies: list[dict[str, Any]]) -> list[Any]:
     """Each body to broker i % 2, all in flight together: (status, JSON answer) in order."""
-    async with httpx.AsyncClient(headers=_keys(account), timeout=20) as c:
+    async with httpx.AsyncClient(headers=key_headers(account), timeout=20) as c:
 
         async def one(i: int, body: dict[str, Any]) -> tuple[int, Any]:
             resp = await c.post(f"{urls[i % 2]}/v2/orders", json=body)
@@ -102,12 +102,12 @@ async def _submit_all(urls: list[str], account: dict[str, Any], bodies: list[dic
 
 def _accepts(url: str, account: dict[str, Any], sym: str) -> bool:
     """A far-away order the book takes (then canceled): the symbol is open."""
-    with httpx.Client(base_url=url, headers=_keys(account), timeout=10) as c:
+    with httpx.Client(base_url=url, headers=key_headers(account), timeout=10) as c:
         resp = c.post("/v2/orders", json=_limit(sym, "sell", "1000"))
         if resp.status_code != 200:
             return False
         oid = resp.json()["id"]
-        status = wait_for(lambda: _status(c, oid) if _status(c, oid) != "pending_new" else None, 20)
+        status = wait_for(lambda: (s := _status(c, oid)) != "pending_new" and s, 20)
         if status != "new":
             return False
         assert c.delete(f"/v2/orders/{oid}").status_code == 204
@@ -142,11 +142,7 @@ def _limit(sym: str, side: str, price: str) -> dict[str, Any]:
 
 
 def _get(url: str, account: dict[str, Any], path: str) -> Any:
-    with httpx.Client(base_url=url, headers=_keys(account), timeout=10) as c:
+    with httpx.Client(base_url=url, headers=key_headers(account), timeout=10) as c:
         resp = c.get(path)
         assert resp.status_code == 200, resp.text
         return resp.json()
-
-
-def _keys(account: dict[str, Any]) -> dict[str, str]:
-    return {"APCA-API-KEY-ID": account["api_key_id"], "APCA-API-SECRET-KEY": account["api_secret_key"]}

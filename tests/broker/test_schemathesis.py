@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from tests.broker.conftest import Broker
+from tests.broker.conftest import Broker, key_headers
 from tests.conftest import ADMIN_TOKEN
 
 EXAMPLES = 12
@@ -24,11 +24,7 @@ EXAMPLES = 12
 def test_no_server_errors_on_any_route(broker: Broker) -> None:
     schema = schemathesis.openapi.from_url(f"{broker.url}/openapi.json")
     acct = broker.new_account(cash="1000000")
-    auth = {
-        "APCA-API-KEY-ID": acct["api_key_id"],
-        "APCA-API-SECRET-KEY": acct["api_secret_key"],
-        "Authorization": f"Bearer {ADMIN_TOKEN}",
-    }
+    auth = {**key_headers(acct), "Authorization": f"Bearer {ADMIN_TOKEN}"}
     session = requests.Session()
     operations = [r.ok() for r in schema.get_all_operations()]
     assert len(operations) >= 20
